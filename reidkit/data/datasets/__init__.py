@@ -1,0 +1,200 @@
+"""Dataset parsers and their registry.
+
+``build_dataset(name, root, **options)`` returns a :class:`~reidkit.data.records.ReIDDataset`
+(a :class:`ParsedDataset` subclass that also records skipped images and notes) with train
+pids relabelled 0..N-1 (sorted original order), query/gallery keeping the dataset's pids,
+and 0-based camids (-1 = unknown). Folder layouts and preparation: docs/datasets.md.
+
+Options understood by every dataset: ``check_files`` (stat every image, default True),
+``verify_images`` (Pillow ``verify()`` every image, default False), ``skip_corrupt`` (drop
+and count bad images instead of raising), ``num_workers`` (threads for the checks).
+Dataset-specific options: see :func:`available_datasets` / each ``load_*`` function.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
+
+from reidkit.data.datasets.base import DatasetError, LoadOptions, ParsedDataset
+from reidkit.data.datasets.cuhk03 import convert_cuhk03_mat, load_cuhk03
+from reidkit.data.datasets.custom import load_custom
+from reidkit.data.datasets.market import (
+    load_dukemtmc,
+    load_market1501,
+    load_synth,
+    load_veri,
+)
+from reidkit.data.datasets.msmt17 import load_msmt17
+from reidkit.data.records import ReIDDataset
+
+__all__ = [
+    "DatasetError",
+    "LoadOptions",
+    "ParsedDataset",
+    "available_datasets",
+    "build_dataset",
+    "convert_cuhk03_mat",
+    "dataset_from_config",
+    "format_stats",
+    "register_dataset",
+    "split_stats",
+]
+
+Loader = Callable[..., ReIDDataset]
+
+_REGISTRY: dict[str, Loader] = {
+    "market1501": load_market1501,
+    "dukemtmc": load_dukemtmc,
+    "msmt17": load_msmt17,
+    "cuhk03": load_cuhk03,
+    "veri": load_veri,
+    "custom": load_custom,
+    "synth": load_synth,
+}
+_ALIASES: dict[str, str] = {
+    "market": "market1501",
+    "market-1501": "market1501",
+    "duke": "dukemtmc",
+    "dukemtmc-reid": "dukemtmc",
+    "dukemtmcreid": "dukemtmc",
+    "msmt": "msmt17",
+    "cuhk03-np": "cuhk03",
+    "veri776": "veri",
+    "veri-776": "veri",
+}
+_COMMON = {f.name for f in fields(LoadOptions)}
+
+
+def register_dataset(name: str, loader: Loader | None = None) -> Any:
+    """Register ``loader(root, opts: LoadOptions, **options) -> ReIDDataset`` under
+    ``name``; usable as a decorator (``@register_dataset("mine")``)."""
+
+    def _register(fn: Loader) -> Loader:
+        key = name.lower()
+        if key in _REGISTRY or key in _ALIASES:
+            raise ValueError(f"dataset name {name!r} is already registered")
+        _REGISTRY[key] = fn
+        return fn
+
+    return _register(loader) if loader is not None else _register
+
+
+def available_datasets() -> dict[str, list[str]]:
+    """Registered names mapped to the dataset-specific options they accept."""
+    return {name: _specific_options(fn) for name, fn in sorted(_REGISTRY.items())}
+
+
+def _specific_options(fn: Loader) -> list[str]:
+    params = list(inspect.signature(fn).parameters.values())[2:]  # skip root, opts
+    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _resolve(name: str) -> tuple[str, Loader]:
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(key, [*_REGISTRY, *_ALIASES], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise DatasetError(
+            f"unknown dataset {name!r}{hint} (available: {', '.join(sorted(_REGISTRY))})"
+        )
+    return key, _REGISTRY[key]
+
+
+def build_dataset(name: str, root: str | os.PathLike, **options: Any) -> ReIDDataset:
+    """Parse dataset ``name`` found under ``root``.
+
+    Args:
+        name: registry name (``market1501``, ``dukemtmc``, ``msmt17``, ``cuhk03``, ``veri``,
+            ``custom``, ``synth``) or an alias (``market``, ``duke``, ``veri776``, ...).
+        root: the data root holding the dataset folder (torchreid / fast-reid style), or
+            the dataset folder itself.
+        **options: common options (``check_files``, ``verify_images``, ``skip_corrupt``,
+            ``num_workers``) and dataset-specific ones: ``msmt17``: ``version``
+            (auto/v1/v2), ``merge_val``; ``cuhk03``: ``variant`` (labeled/detected),
+            ``source`` (auto/np/mat), ``classic_split``, ``split_id``; ``custom``:
+            ``manifest``, ``cam_pattern``; ``synth``: ``preset``.
+
+    Raises:
+        DatasetError: unknown name or option, missing folders, bad names, empty splits,
+            unreadable images (unless ``skip_corrupt``).
+    """
+    key, fn = _resolve(name)
+    common = {k: v for k, v in options.items() if k in _COMMON}
+    specific = {k: v for k, v in options.items() if k not in _COMMON}
+    allowed = _specific_options(fn)
+    unknown = sorted(set(specific) - set(allowed))
+    if unknown:
+        raise DatasetError(
+            f"dataset {key!r}: unknown option(s) {unknown}; accepted: "
+            f"{sorted(allowed) + sorted(_COMMON)}"
+        )
+    return fn(root, LoadOptions(**common), **specific)
+
+
+def dataset_from_config(data_cfg: Any, **overrides: Any) -> ReIDDataset:
+    """Build the dataset described by a ``DataConfig`` (``cfg.data``).
+
+    Maps ``cuhk03_variant`` -> ``variant``, ``cuhk03_classic_split`` -> ``classic_split``,
+    ``custom_manifest`` -> ``manifest``, ``synth_preset`` -> ``preset`` and
+    ``skip_corrupt``; only the options the chosen dataset accepts are passed. Extra
+    keyword ``overrides`` (e.g. ``verify_images=True``) are passed through.
+    """
+    key, fn = _resolve(data_cfg.dataset)
+    candidates = {
+        "variant": getattr(data_cfg, "cuhk03_variant", None),
+        "classic_split": getattr(data_cfg, "cuhk03_classic_split", None),
+        "manifest": getattr(data_cfg, "custom_manifest", None),
+        "preset": getattr(data_cfg, "synth_preset", None),
+    }
+    allowed = set(_specific_options(fn))
+    options = {k: v for k, v in candidates.items() if k in allowed and v is not None}
+    options["skip_corrupt"] = bool(getattr(data_cfg, "skip_corrupt", False))
+    options.update(overrides)
+    return build_dataset(key, data_cfg.root, **options)
+
+
+def split_stats(ds: ReIDDataset) -> dict[str, dict[str, int]]:
+    """Per split: ``{"ids": ..., "images": ..., "cameras": ...}`` (cameras ignore -1)."""
+    out = {}
+    for split in ("train", "query", "gallery"):
+        records = getattr(ds, split)
+        out[split] = {
+            "ids": len({r.pid for r in records}),
+            "images": len(records),
+            "cameras": len({r.camid for r in records if r.camid >= 0}),
+        }
+    return out
+
+
+def format_stats(ds: ReIDDataset) -> str:
+    """A torchreid-style table: rows train/query/gallery, columns # ids, # images,
+    # cameras ("-" when camera ids are unknown), plus skipped images and notes."""
+    stats = split_stats(ds)
+    header = ("subset", "# ids", "# images", "# cameras")
+    rows = []
+    for split in ("train", "query", "gallery"):
+        s = stats[split]
+        cams = str(s["cameras"]) if s["cameras"] else "-"
+        rows.append((split, str(s["ids"]), str(s["images"]), cams))
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(4)]
+
+    def fmt(r: tuple[str, ...]) -> str:
+        return "  " + " | ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+        )
+
+    rule = "  " + "-" * (sum(widths) + 3 * 3)
+    lines = [f"=> {ds.name} ({ds.root})", rule, fmt(header), rule, *map(fmt, rows), rule]
+    skipped = getattr(ds, "skipped", None)
+    if skipped:
+        lines.append(f"  skipped {len(skipped)} unreadable image(s)")
+    for note in getattr(ds, "notes", None) or []:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
