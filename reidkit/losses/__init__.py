@@ -1,1 +1,68 @@
+"""Losses: functional forms (shapes in their docstrings) and module wrappers.
 
+ID losses take ``(logits (B, C), pids (B,))``; metric losses ``(feats (B, D), pids (B,))``.
+"""
+
+from reidkit.losses.builder import (
+    EXTRA_LOSSES,
+    ZeroLoss,
+    build_extra_loss,
+    build_id_loss,
+    build_metric_loss,
+    metric_loss_key,
+)
+from reidkit.losses.center import CenterLoss, center_loss
+from reidkit.losses.circle import CircleLoss, circle_loss
+from reidkit.losses.focal import FocalLoss, focal_loss
+from reidkit.losses.oap import overlapped_activation_penalty
+from reidkit.losses.pairwise import (
+    ContrastiveLoss,
+    InstanceLoss,
+    LiftedStructureLoss,
+    SphereLoss,
+    contrastive_loss,
+    instance_loss,
+    lifted_structure_loss,
+    sphere_loss,
+)
+from reidkit.losses.softmax import CrossEntropyLabelSmooth, cross_entropy_label_smooth
+from reidkit.losses.triplet import (
+    TripletLoss,
+    WeightedRegularizedTripletLoss,
+    euclidean_dist,
+    pair_masks,
+    triplet_batch_hard,
+    weighted_regularized_triplet,
+)
+
+__all__ = [
+    "EXTRA_LOSSES",
+    "CenterLoss",
+    "CircleLoss",
+    "ContrastiveLoss",
+    "CrossEntropyLabelSmooth",
+    "FocalLoss",
+    "InstanceLoss",
+    "LiftedStructureLoss",
+    "SphereLoss",
+    "TripletLoss",
+    "WeightedRegularizedTripletLoss",
+    "ZeroLoss",
+    "build_extra_loss",
+    "build_id_loss",
+    "build_metric_loss",
+    "center_loss",
+    "circle_loss",
+    "contrastive_loss",
+    "cross_entropy_label_smooth",
+    "euclidean_dist",
+    "focal_loss",
+    "instance_loss",
+    "lifted_structure_loss",
+    "metric_loss_key",
+    "overlapped_activation_penalty",
+    "pair_masks",
+    "sphere_loss",
+    "triplet_batch_hard",
+    "weighted_regularized_triplet",
+]

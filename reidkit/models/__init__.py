@@ -1,1 +1,281 @@
+"""Backbones, pooling and heads.
 
+``build_backbone(name, ...)`` builds a ResNet trunk with torchvision key names;
+``load_pretrained(model, path)`` loads a *local* weights file into it (never downloads,
+never unpickles code).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from reidkit.models.heads import BNNeck
+from reidkit.models.non_local import NonLocalBlock
+from reidkit.models.pooling import GeM, GlobalAvgPool, GlobalMaxPool, build_pooling
+from reidkit.models.resnet import ResNet, build_resnet
+from reidkit.models.resnet_ibn import IBN
+
+__all__ = [
+    "BNNeck",
+    "GeM",
+    "GlobalAvgPool",
+    "GlobalMaxPool",
+    "IBN",
+    "LoadReport",
+    "NonLocalBlock",
+    "PretrainedLoadError",
+    "ResNet",
+    "available_backbones",
+    "build_backbone",
+    "build_pooling",
+    "load_pretrained",
+    "read_state_dict",
+]
+
+logger = logging.getLogger(__name__)
+
+_BACKBONES: dict[str, tuple[int, bool]] = {
+    "resnet18": (18, False),
+    "resnet34": (34, False),
+    "resnet50": (50, False),
+    "resnet101": (101, False),
+    "resnet18_ibn_a": (18, True),
+    "resnet34_ibn_a": (34, True),
+    "resnet50_ibn_a": (50, True),
+    "resnet101_ibn_a": (101, True),
+}
+
+# Keys of an ImageNet checkpoint that a re-ID backbone deliberately does not have.
+_IGNORED_PREFIXES = ("fc.",)
+
+
+class PretrainedLoadError(RuntimeError):
+    """A weights file is missing, unreadable, unsafe or does not fit the model."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did.
+
+    ``missing``: model keys the file did not provide (kept at their init values);
+    ``unexpected``: file keys the model does not have (ignored; ``fc.*`` of an ImageNet
+    classifier always lands here); ``loaded``: number of tensors copied.
+    """
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    loaded: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path}: loaded {self.loaded} tensors, {len(self.missing)} missing, "
+            f"{len(self.unexpected)} unexpected (ignored)"
+        )
+
+
+def available_backbones() -> list[str]:
+    """Names accepted by :func:`build_backbone`."""
+    return sorted(_BACKBONES)
+
+
+def build_backbone(
+    name: str,
+    last_stride: int = 1,
+    ibn: bool = False,
+    non_local_layers: Mapping[str, Sequence[int]] | None = None,
+    non_local_inner_channels: int | None = 1,
+    pretrained: str | Path | None = None,
+    width: int = 64,
+) -> ResNet:
+    """Build a backbone by name.
+
+    Args:
+        name: one of :func:`available_backbones` (``resnet18/34/50/101`` and the
+            ``*_ibn_a`` variants).
+        last_stride: stride of layer4 (1 for re-ID: 16x8 maps at 256x128; 2 = ImageNet).
+        ibn: IBN-a in layer1-3 (same as the ``*_ibn_a`` names).
+        non_local_layers: ``{"layer2": [2, 3], "layer3": [3, 4, 5]}`` (AGW) inserts
+            non-local blocks after those 0-based block indices; ``None``: none.
+        non_local_inner_channels: inner width of the non-local blocks (AGW: 1;
+            ``None``: half the input channels).
+        pretrained: local ImageNet weights (``.pth``/``.pt``/``.bin``/``.safetensors``);
+            ``None`` trains from scratch (logged).
+        width: base width (64 = the standard networks; smaller only for tests).
+
+    Returns:
+        A :class:`~reidkit.models.resnet.ResNet` with ``out_channels``, ``forward(x) ->
+        (B, C, h, w)`` and ``forward_stages(x) -> [layer1..layer4 maps]``.
+    """
+    if name not in _BACKBONES:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_BACKBONES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(
+            f"model.backbone: unknown backbone '{name}'{hint} "
+            f"(available: {', '.join(available_backbones())})"
+        )
+    depth, name_ibn = _BACKBONES[name]
+    model = build_resnet(
+        depth,
+        last_stride=last_stride,
+        ibn=ibn or name_ibn,
+        non_local_layers=non_local_layers,
+        non_local_inner_channels=non_local_inner_channels,
+        width=width,
+    )
+    if pretrained is None or str(pretrained) == "":
+        logger.info("no ImageNet weights given (model.pretrained); training from scratch")
+    else:
+        report = load_pretrained(model, pretrained)
+        logger.info("backbone %s: %s", name, report)
+    return model
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """Find the tensor dict inside a checkpoint (``state_dict``/``model`` wrappers)."""
+    for _ in range(3):
+        if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            for key in ("state_dict", "model", "model_state_dict", "net"):
+                if key in obj and isinstance(obj[key], Mapping):
+                    obj = obj[key]
+                    break
+            else:
+                break
+        else:
+            break
+    if not isinstance(obj, Mapping):
+        raise PretrainedLoadError(
+            f"{path}: expected a state dict (a mapping of parameter names to tensors), "
+            f"got {type(obj).__name__}"
+        )
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise PretrainedLoadError(
+            f"{path}: no tensors found (top-level keys: {list(obj)[:8]}); expected a state "
+            "dict, optionally wrapped as {'state_dict': ...} or {'model': ...}"
+        )
+    return tensors
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read tensors from a local ``.pth``/``.pt``/``.bin``/``.ckpt`` or ``.safetensors`` file.
+
+    Pickle files are read with ``torch.load(map_location="cpu", weights_only=True)``, so a
+    file that would execute code is refused. ``{"state_dict": ...}``/``{"model": ...}``
+    wrappers and ``module.`` (DataParallel/DDP) prefixes are removed.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PretrainedLoadError(
+            f"pretrained weights not found: {path} (model.pretrained must be a local file; "
+            "reidkit never downloads weights)"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:  # pragma: no cover - safetensors is a dependency
+            raise PretrainedLoadError(f"{path}: reading .safetensors needs `safetensors`") from exc
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise PretrainedLoadError(f"{path}: not a valid safetensors file: {exc}") from exc
+    elif suffix in (".pth", ".pt", ".bin", ".ckpt", ".tar"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise PretrainedLoadError(
+                f"{path}: refused to load: the file contains Python objects other than "
+                f"tensors, which torch.load(weights_only=True) will not unpickle ({exc}). "
+                "Re-save it as a plain state dict or convert it to .safetensors."
+            ) from exc
+        except Exception as exc:
+            raise PretrainedLoadError(
+                f"{path}: not a readable PyTorch weights file: {exc}"
+            ) from exc
+        state = _unwrap(obj, path)
+    else:
+        raise PretrainedLoadError(
+            f"{path}: unsupported weights format '{suffix or '(no suffix)'}' "
+            "(expected .pth, .pt, .bin, .ckpt or .safetensors)"
+        )
+    return _strip_prefixes(state)
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    keys = list(state)
+    for prefix in ("module.", "backbone.", "base."):
+        if keys and all(k.startswith(prefix) for k in keys):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+            keys = list(state)
+    return state
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
+    """Load a local weights file into ``model`` (non-strict on names, strict on shapes).
+
+    Keys absent from the file stay at their init values (``missing``), keys the model
+    lacks are ignored (``unexpected``; e.g. ImageNet ``fc.*``). A tensor whose shape
+    differs from the model's raises :class:`PretrainedLoadError` naming the key and both
+    shapes. Returns a :class:`LoadReport`; counts are logged.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    if not any(k in own for k in state):
+        # a whole re-ID checkpoint: take its backbone part
+        sub = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+        if any(k in own for k in sub):
+            state = sub
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if mismatched:
+        shown = "\n  ".join(mismatched[:10])
+        more = f"\n  ... and {len(mismatched) - 10} more" if len(mismatched) > 10 else ""
+        raise PretrainedLoadError(
+            f"{path}: {len(mismatched)} tensor(s) have the wrong shape for this model "
+            f"(is it the right architecture / depth?):\n  {shown}{more}"
+        )
+    to_load = {k: v for k, v in state.items() if k in own}
+    if not to_load:
+        raise PretrainedLoadError(
+            f"{path}: none of the {len(state)} tensors match a model key (file keys start "
+            f"with {sorted(state)[:3]}, model keys with {sorted(own)[:3]}); wrong file?"
+        )
+    model.load_state_dict(to_load, strict=False)
+    report = LoadReport(
+        missing=sorted(k for k in own if k not in state),
+        unexpected=sorted(k for k in state if k not in own),
+        loaded=len(to_load),
+        path=str(path),
+    )
+    ignored = [k for k in report.unexpected if k.startswith(_IGNORED_PREFIXES)]
+    other = [k for k in report.unexpected if not k.startswith(_IGNORED_PREFIXES)]
+    logger.info("loaded %d tensors from %s", report.loaded, path)
+    if ignored:
+        logger.info(
+            "ignored %d classifier keys not used by the backbone: %s", len(ignored), ignored
+        )
+    if other:
+        logger.warning("%d unexpected keys ignored, e.g. %s", len(other), other[:5])
+    # non-local blocks are new layers (identity at init): their absence is expected
+    new_layers = [k for k in report.missing if k.startswith("nl_")]
+    absent = [k for k in report.missing if not k.startswith("nl_")]
+    if new_layers:
+        logger.info("%d keys of the non-local blocks start from their init", len(new_layers))
+    if absent:
+        logger.warning(
+            "%d model keys not in the file (kept at init), e.g. %s", len(absent), absent[:5]
+        )
+    return report

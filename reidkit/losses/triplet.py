@@ -1,0 +1,175 @@
+"""Triplet losses on a P x K batch: batch-hard (Hermans et al. 2017) and AGW's
+weighted regularised triplet (Ye et al., TPAMI 2021).
+
+Distances are Euclidean, ``d(a, b) = ||f_a - f_b||_2`` (computed in float32 from the Gram
+matrix, clamped at 1e-12 before the square root). The anchor itself is never one of its
+positives. Anchors without a positive or without a negative in the batch are left out of
+the mean; a batch with no valid anchor gives a zero loss that keeps the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reidkit.losses.softmax import full_precision, to_float
+
+__all__ = [
+    "euclidean_dist",
+    "pair_masks",
+    "triplet_batch_hard",
+    "weighted_regularized_triplet",
+    "TripletLoss",
+    "WeightedRegularizedTripletLoss",
+]
+
+
+@full_precision
+def euclidean_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pairwise Euclidean distances ``(M, D), (N, D) -> (M, N)`` in float32."""
+    x = to_float(x)
+    y = to_float(y)
+    xx = x.pow(2).sum(dim=1, keepdim=True)
+    yy = y.pow(2).sum(dim=1, keepdim=True).t()
+    d2 = torch.addmm(xx + yy, x, y.t(), beta=1, alpha=-2)
+    return d2.clamp(min=1e-12).sqrt()
+
+
+def pair_masks(pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B,)`` labels -> ``(is_pos, is_neg)`` boolean ``(B, B)`` masks, diagonal excluded."""
+    if pids.dim() != 1:
+        raise ValueError(f"pids must be (B,), got shape {tuple(pids.shape)}")
+    same = pids.unsqueeze(0) == pids.unsqueeze(1)
+    eye = torch.eye(pids.shape[0], dtype=torch.bool, device=pids.device)
+    return same & ~eye, ~same
+
+
+def _check(feats: torch.Tensor, pids: torch.Tensor) -> None:
+    if feats.dim() != 2:
+        raise ValueError(f"feats must be (B, D), got shape {tuple(feats.shape)}")
+    if pids.shape != (feats.shape[0],):
+        raise ValueError(f"pids must be (B,) with B={feats.shape[0]}, got {tuple(pids.shape)}")
+
+
+def _anchor_masks(pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(is_pos, is_neg, valid)`` for per-anchor reductions without host syncs.
+
+    ``valid (B,)`` marks anchors with at least one positive and one negative. Rows of
+    invalid anchors get an all-True mask (so masked max/min/softmax/logsumexp stay finite
+    and no NaN reaches the backward pass); :func:`masked_mean` then drops them.
+    """
+    is_pos, is_neg = pair_masks(pids)
+    has_pos = is_pos.any(dim=1, keepdim=True)
+    has_neg = is_neg.any(dim=1, keepdim=True)
+    valid = (has_pos & has_neg).squeeze(1)
+    return is_pos | ~has_pos, is_neg | ~has_neg, valid
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values (B,)`` over ``valid (B,)``; 0 (keeping the graph) if none is valid."""
+    return torch.where(valid, values, torch.zeros_like(values)).sum() / valid.sum().clamp(min=1)
+
+
+@full_precision
+def triplet_batch_hard(
+    feats: torch.Tensor,
+    pids: torch.Tensor,
+    margin: float = 0.3,
+    soft: bool = False,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Batch-hard triplet loss.
+
+    For each anchor ``a``: ``d_ap = max_{p: y_p = y_a, p != a} d(a, p)``,
+    ``d_an = min_{n: y_n != y_a} d(a, n)``; loss ``relu(d_ap - d_an + margin)``, or
+    ``softplus(d_ap - d_an)`` when ``soft`` (margin unused). Mean over valid anchors.
+
+    Args:
+        feats: ``(B, D)`` embeddings; pids: ``(B,)`` identity labels.
+        margin: ranking margin (hard version).
+        soft: soft-margin variant.
+        normalize: L2-normalise the features first.
+
+    Returns:
+        Scalar.
+    """
+    _check(feats, pids)
+    if normalize:
+        feats = F.normalize(to_float(feats), dim=1)
+    dist = euclidean_dist(feats, feats)
+    is_pos, is_neg, valid = _anchor_masks(pids)
+    d_ap = dist.masked_fill(~is_pos, float("-inf")).amax(dim=1)
+    d_an = dist.masked_fill(~is_neg, float("inf")).amin(dim=1)
+    per_anchor = F.softplus(d_ap - d_an) if soft else F.relu(d_ap - d_an + margin)
+    return masked_mean(per_anchor, valid)
+
+
+@full_precision
+def weighted_regularized_triplet(
+    feats: torch.Tensor,
+    pids: torch.Tensor,
+    normalize: bool = False,
+    include_self_positive: bool = False,
+) -> torch.Tensor:
+    """Weighted regularised triplet (WRT, AGW).
+
+    Per anchor ``a`` with positives ``P(a)`` and negatives ``N(a)``::
+
+        w_ap = softmax_{p in P(a)}(d(a, p))      w_an = softmax_{n in N(a)}(-d(a, n))
+        L_a  = softplus( sum_p w_ap d(a, p) - sum_n w_an d(a, n) )
+
+    No margin. Mean over anchors that have a positive and a negative.
+
+    Args:
+        feats: ``(B, D)``; pids: ``(B,)``.
+        normalize: L2-normalise features first.
+        include_self_positive: count the anchor (distance 0) among its positives, as the
+            AGW public code does (it only dilutes the positive weights); default off.
+
+    Returns:
+        Scalar.
+    """
+    _check(feats, pids)
+    if normalize:
+        feats = F.normalize(to_float(feats), dim=1)
+    dist = euclidean_dist(feats, feats)
+    is_pos, is_neg, valid = _anchor_masks(pids)
+    if include_self_positive:
+        is_pos = is_pos | torch.eye(len(pids), dtype=torch.bool, device=pids.device)
+    w_ap = torch.softmax(dist.masked_fill(~is_pos, float("-inf")), dim=1)
+    w_an = torch.softmax((-dist).masked_fill(~is_neg, float("-inf")), dim=1)
+    d_ap = (w_ap * dist).sum(dim=1)
+    d_an = (w_an * dist).sum(dim=1)
+    return masked_mean(F.softplus(d_ap - d_an), valid)
+
+
+class TripletLoss(nn.Module):
+    """Batch-hard triplet loss module: ``(feats (B, D), pids (B,)) -> scalar``."""
+
+    def __init__(self, margin: float = 0.3, soft: bool = False, normalize: bool = False) -> None:
+        super().__init__()
+        self.margin = margin
+        self.soft = soft
+        self.normalize = normalize
+
+    def forward(self, feats: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
+        return triplet_batch_hard(feats, pids, self.margin, self.soft, self.normalize)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, soft={self.soft}, normalize={self.normalize}"
+
+
+class WeightedRegularizedTripletLoss(nn.Module):
+    """WRT module: ``(feats (B, D), pids (B,)) -> scalar``."""
+
+    def __init__(self, normalize: bool = False, include_self_positive: bool = False) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.include_self_positive = include_self_positive
+
+    def forward(self, feats: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
+        return weighted_regularized_triplet(feats, pids, self.normalize, self.include_self_positive)
+
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize}, include_self_positive={self.include_self_positive}"

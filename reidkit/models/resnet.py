@@ -1,0 +1,259 @@
+"""ResNet-18/34/50/101 backbones with torchvision-compatible state-dict keys.
+
+The module layout follows torchvision's ``resnet`` (v1.5: the stride of a bottleneck sits
+in its 3x3 ``conv2``), so a local ImageNet file saved from torchvision loads without
+renaming: ``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0`` (conv) /
+``.1`` (BN), ... There is no ``fc``: a re-ID head replaces it.
+
+Re-ID options:
+
+- ``last_stride``: stride of layer4's first block (and its downsample). 1 (the re-ID
+  default) keeps a 16x8 final map for 256x128 inputs; 2 is the ImageNet network.
+- ``ibn``: IBN-a normalisation in the first BN of every block of layer1-3
+  (:class:`reidkit.models.resnet_ibn.IBN`).
+- ``non_local_layers``: ``{"layer2": [2, 3], "layer3": [3, 4, 5]}`` inserts a
+  :class:`~reidkit.models.non_local.NonLocalBlock` after those (0-based) blocks. The
+  blocks live in ``nl_layer1`` .. ``nl_layer4`` ``ModuleList``s (one entry per listed
+  index, in sorted order), so the torchvision keys are untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from reidkit.models.non_local import NonLocalBlock
+from reidkit.models.resnet_ibn import IBN
+
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "build_resnet", "RESNET_DEPTHS"]
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _conv3x3(inp: int, out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(inp, out, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(inp: int, out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(inp, out, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        ibn: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = IBN(planes) if ibn else nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided) -> 1x1 bottleneck with a residual connection (ResNet-50/101)."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        ibn: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv1x1(inplanes, planes)
+        self.bn1 = IBN(planes) if ibn else nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+RESNET_DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+class ResNet(nn.Module):
+    """ResNet trunk without the classifier.
+
+    Attributes:
+        out_channels: channels of the layer4 map (512 for 18/34, 2048 for 50/101).
+        stage_channels: channels of the layer1..layer4 maps.
+
+    ``forward(x)``: ``(B, 3, H, W) -> (B, out_channels, H/16 or H/32, ...)``; with
+    ``last_stride=1`` a 256x128 input gives a 16x8 map. ``forward_stages(x)`` returns the
+    four stage maps ``[layer1, layer2, layer3, layer4]`` (strides 4, 8, 16, 16/32).
+    """
+
+    def __init__(
+        self,
+        block: type[nn.Module],
+        layers: Sequence[int],
+        last_stride: int = 1,
+        ibn: bool = False,
+        non_local_layers: Mapping[str, Sequence[int]] | None = None,
+        non_local_inner_channels: int | None = 1,
+        width: int = 64,
+    ) -> None:
+        super().__init__()
+        if last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+        self.inplanes = width
+        self.ibn = ibn
+        self.last_stride = last_stride
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        strides = (1, 2, 2, last_stride)
+        for i, (name, n_blocks, stride) in enumerate(zip(STAGES, layers, strides)):
+            # IBN-a: layers 1-3 only (layer4 keeps plain BN), as in the IBN-Net code.
+            layer = self._make_layer(block, width * 2**i, n_blocks, stride, ibn and i < 3)
+            setattr(self, name, layer)
+        self.stage_channels = [width * 2**i * block.expansion for i in range(4)]
+        self.out_channels = self.stage_channels[-1]
+
+        self._nl_index: dict[str, dict[int, int]] = {}
+        self.non_local_layers: dict[str, list[int]] = {}
+        for name, idxs in (non_local_layers or {}).items():
+            if name not in STAGES:
+                raise ValueError(
+                    f"non_local_layers: unknown stage '{name}' (expected one of {', '.join(STAGES)})"
+                )
+            n_blocks = len(getattr(self, name))
+            idxs = sorted(set(int(i) for i in idxs))
+            bad = [i for i in idxs if not 0 <= i < n_blocks]
+            if bad:
+                raise ValueError(
+                    f"non_local_layers[{name!r}] (config: model.non_local_layers): block indices {bad} out of range; "
+                    f"{name} has {n_blocks} blocks (valid 0..{n_blocks - 1})"
+                )
+            if not idxs:
+                continue
+            channels = self.stage_channels[STAGES.index(name)]
+            blocks = nn.ModuleList(NonLocalBlock(channels, non_local_inner_channels) for _ in idxs)
+            setattr(self, f"nl_{name}", blocks)
+            self._nl_index[name] = {block_idx: j for j, block_idx in enumerate(idxs)}
+            self.non_local_layers[name] = idxs
+        self._init_weights()
+
+    def _make_layer(
+        self, block: type[nn.Module], planes: int, blocks: int, stride: int, ibn: bool
+    ) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                _conv1x1(self.inplanes, planes * block.expansion, stride),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        mods = [block(self.inplanes, planes, stride, downsample, ibn=ibn)]
+        self.inplanes = planes * block.expansion
+        mods += [block(self.inplanes, planes, ibn=ibn) for _ in range(1, blocks)]
+        return nn.Sequential(*mods)
+
+    def _init_weights(self) -> None:
+        for name, m in self.named_modules():
+            if name.startswith("nl_"):
+                continue  # non-local blocks keep their own (identity) init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d | nn.InstanceNorm2d) and m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1 -> bn1 -> relu -> maxpool: ``(B, 3, H, W) -> (B, 64, H/4, W/4)``."""
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def run_stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Apply stage ``name`` (``"layer1"``..``"layer4"``) with its non-local blocks."""
+        layer: nn.Sequential = getattr(self, name)
+        nl_index = self._nl_index.get(name)
+        if not nl_index:
+            return layer(x)
+        nl_blocks: nn.ModuleList = getattr(self, f"nl_{name}")
+        for i, block in enumerate(layer):
+            x = block(x)
+            j = nl_index.get(i)
+            if j is not None:
+                x = nl_blocks[j](x)
+        return x
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, 3, H, W)`` -> ``[layer1, layer2, layer3, layer4]`` output maps."""
+        x = self.stem(x)
+        outs = []
+        for name in STAGES:
+            x = self.run_stage(name, x)
+            outs.append(x)
+        return outs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W) -> (B, out_channels, h, w)`` final (layer4) map."""
+        x = self.stem(x)
+        for name in STAGES:
+            x = self.run_stage(name, x)
+        return x
+
+
+def build_resnet(
+    depth: int,
+    last_stride: int = 1,
+    ibn: bool = False,
+    non_local_layers: Mapping[str, Sequence[int]] | None = None,
+    non_local_inner_channels: int | None = 1,
+    width: int = 64,
+) -> ResNet:
+    """A ResNet of ``depth`` in {18, 34, 50, 101} (random init; see ``load_pretrained``).
+
+    ``width`` (default 64, torchvision's) scales every stage; small widths give tiny
+    models for tests (their state dicts then of course do not match ImageNet files).
+    """
+    if depth not in RESNET_DEPTHS:
+        raise ValueError(f"unsupported ResNet depth {depth}; choose from {sorted(RESNET_DEPTHS)}")
+    block, layers = RESNET_DEPTHS[depth]
+    return ResNet(
+        block,
+        layers,
+        last_stride=last_stride,
+        ibn=ibn,
+        non_local_layers=non_local_layers,
+        non_local_inner_channels=non_local_inner_channels,
+        width=width,
+    )
