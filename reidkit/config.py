@@ -12,9 +12,12 @@ options), ``loss``, ``solver`` (optimiser + schedule), ``test``, plus run-level 
 
 from __future__ import annotations
 
+import copy
 import difflib
+import re
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -73,14 +76,20 @@ class CAMAConfig(_Section):
     oap_k: float = Field(26 / 128, gt=0)  # <1: fraction of H*W cells; >=1: a count
     oap_alpha: float = Field(1.0, ge=0)
     test_branches: int | None = None  # use only the first n branches at test (Table 5)
+    oap_detach_threshold: bool = False  # stop the gradient through sigma^i (Eq. 5)
 
 
 class CGEConfig(_Section):
     num_stripes: int = Field(3, ge=1)
     momentum_schedule: Literal["linear", "exponential", "fixed"] = "linear"
     momentum_fixed: float = Field(0.5, ge=0, le=1)  # a for the fixed schedule
-    momentum_exp_gamma: float = Field(5.0, gt=0)  # a = 1 - exp(-gamma t/E) for exponential
+    momentum_exp_gamma: float = Field(5.0, gt=0)  # a = exp(-gamma ((1-t)/E)^2), Eq. 12
     revise_level: Literal["logit", "feature"] = "logit"  # Table 6
+    # what p in p_hat = p * w is: "logits" (Eq. 4 literally: softmax(z * w)) or "probs"
+    # (softmax(z) * w renormalised = softmax(z + log w)); see docs/cge.md
+    revise_target: Literal["logits", "probs"] = "logits"
+    glr: bool = True  # False: memories are kept (analysis) but logits not revised (Table 2)
+    detach_weights: bool = False  # True: w is a constant re-weighting (no grad to stripes)
 
 
 class ModelConfig(_Section):
@@ -128,6 +137,7 @@ class SolverConfig(_Section):
     amsgrad: bool = False
     bias_lr_factor: float = Field(1.0, gt=0)
     weight_decay_bias: float | None = None
+    weight_decay_norm: float | None = None  # BN/GN/LN weights; None = weight_decay
     max_epochs: int = Field(120, gt=0)
     scheduler: Literal["multistep", "cosine", "constant"] = "multistep"
     milestones: list[int] = Field(default_factory=lambda: [40, 70])
@@ -140,6 +150,7 @@ class SolverConfig(_Section):
     classifier_warm_lr_start: float = Field(3e-6, gt=0)
     classifier_warm_lr_end: float = Field(3e-4, gt=0)
     iters_per_epoch: int | None = None  # cap (mostly for tests and the demo)
+    schedule_per_iter: bool = False  # evaluate the lr schedule at fractional epochs
     grad_clip: float | None = None
 
 
@@ -178,6 +189,29 @@ class Config(_Section):
 
 
 # ------------------------------------------------------------------------ loading
+class _YAMLLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 scalars: only ``true``/``false`` are booleans (so
+    ``amp: off`` or ``dataset: no`` stay strings) and ``1e-3`` is a float, not a string."""
+
+
+_YAMLLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _deep_merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for key, value in update.items():
@@ -188,26 +222,55 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
+def _leaf_origins(
+    data: dict, origin: str, prefix: tuple[str, ...] = ()
+) -> dict[tuple[str, ...], str]:
+    out: dict[tuple[str, ...], str] = {}
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        out[path] = origin
+        if isinstance(value, dict):
+            out.update(_leaf_origins(value, origin, path))
+    return out
+
+
+def _read_yaml_tracked(
+    path: Path, _seen: tuple[Path, ...] = ()
+) -> tuple[dict, dict[tuple[str, ...], str]]:
+    """Read ``path`` with its ``_base_`` chain; also return which file set each key."""
     path = path.resolve()
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise ConfigError(f"{path}: circular _base_ inheritance ({chain})")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        where = f" (a _base_ of {_seen[-1]})" if _seen else ""
+        raise ConfigError(f"config file not found: {path}{where}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    bases = raw.pop("_base_", [])
-    if isinstance(bases, str):
+    bases = raw.pop("_base_", None)
+    if bases is None:
+        bases = []
+    elif isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: '_base_' must be a path or a list of paths, got {bases!r}")
     merged: dict = {}
+    origins: dict[tuple[str, ...], str] = {}
     for base in bases:
-        merged = _deep_merge(merged, _read_yaml(path.parent / base, (*_seen, path)))
-    return _deep_merge(merged, raw)
+        data, base_origins = _read_yaml_tracked(path.parent / base, (*_seen, path))
+        merged = _deep_merge(merged, data)
+        origins.update(base_origins)
+    origins.update(_leaf_origins(raw, str(path)))
+    return _deep_merge(merged, raw), origins
+
+
+def _read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read ``path`` and merge its ``_base_`` files (relative to it), left to right."""
+    return _read_yaml_tracked(path, _seen)[0]
 
 
 def _section_fields(model: type[BaseModel], dotted: list[str]) -> list[str]:
@@ -221,7 +284,52 @@ def _section_fields(model: type[BaseModel], dotted: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-def _explain(exc: ValidationError, source: str) -> ConfigError:
+def _field_annotation(dotted: list[str]) -> Any:
+    """Annotation of the ``Config`` field at ``dotted`` (None when there is no such field)."""
+    model: Any = Config
+    ann: Any = None
+    for part in dotted:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = model = field.annotation
+    return ann
+
+
+def _is_text_field(ann: Any) -> bool:
+    """True for ``str``, ``str | None`` and ``Literal`` of strings."""
+    if ann is str:
+        return True
+    origin = get_origin(ann)
+    if origin is Literal:
+        return all(isinstance(a, str) for a in get_args(ann))
+    if origin in (Union, UnionType):
+        args = [a for a in get_args(ann) if a is not type(None)]
+        return len(args) == 1 and _is_text_field(args[0])
+    return False
+
+
+def _numbers_to_text(data: dict, model: type[BaseModel] | None = None) -> dict:
+    """Turn YAML numbers into strings where the field is text (``output_dir: 2024``)."""
+    model = model or Config
+    out = dict(data)
+    for key, value in data.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            continue
+        ann = field.annotation
+        if isinstance(value, dict) and isinstance(ann, type) and issubclass(ann, BaseModel):
+            out[key] = _numbers_to_text(value, ann)
+        elif isinstance(value, int | float) and not isinstance(value, bool) and _is_text_field(ann):
+            out[key] = str(value)
+    return out
+
+
+def _explain(
+    exc: ValidationError, source: str, origins: dict[tuple[str, ...], str] | None = None
+) -> ConfigError:
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
@@ -230,54 +338,116 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
             valid = _section_fields(Config, loc[:-1])
             close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else ""
-            lines.append(f"unknown key '{key}'{hint}")
+            line = f"unknown key '{key}'{hint}"
         else:
-            lines.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
+            line = f"'{key}': {err['msg']} (got {err.get('input')!r})"
+        for n in range(len(loc), 0, -1):  # the file (or override) that set this key
+            origin = (origins or {}).get(tuple(loc[:n]))
+            if origin is not None:
+                line += f" [set in {origin}]"
+                break
+        lines.append(line)
     return ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines))
 
 
-def config_from_dict(data: dict, source: str = "<dict>") -> Config:
-    """Validate a plain dict into a :class:`Config` (errors name ``source`` and the key)."""
+def config_from_dict(
+    data: dict, source: str = "<dict>", origins: dict[tuple[str, ...], str] | None = None
+) -> Config:
+    """Validate a plain dict into a :class:`Config` (errors name ``source`` and the key).
+
+    ``origins`` optionally maps key paths to the file / override that set them, so an error
+    in an inherited file names that file. Numbers given for text fields become strings.
+    """
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(_numbers_to_text(data))
     except ValidationError as exc:
-        raise _explain(exc, source) from None
+        raise _explain(exc, source, origins) from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value, e.g. solver.lr=0.001")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{item}': empty key component in '{key.strip()}'")
+    if _is_text_field(_field_annotation(parts)):
+        # text fields take the raw text: output_dir=2024, model.pretrained=on, ...
+        text = text.strip()
+        if text in ("null", "~", "None") and _field_annotation(parts) is not str:
+            return parts, None
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            text = text[1:-1]
+        return parts, text
+    try:
+        value = _yaml_load(text) if text != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{item}': value is not valid YAML: {exc}") from exc
+    return parts, value
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Apply ``a.b=value`` overrides (values parsed as YAML) to a raw config dict."""
-    out = _deep_merge({}, data)
+    """Apply ``a.b=value`` overrides to a raw config dict.
+
+    Values are parsed as YAML 1.2 scalars / flow collections (``solver.lr=1e-3`` is a float,
+    ``solver.milestones=[30,60]`` a list, ``test.rerank=true`` a bool), except for text fields,
+    which take the raw text (``output_dir=2024`` is the string ``"2024"``).
+    """
+    out = copy.deepcopy(data)  # never modify the caller's (nested) dicts
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}': expected key=value, e.g. solver.lr=0.001")
-        key, _, text = item.partition("=")
-        try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{item}': value is not valid YAML: {exc}") from exc
+        parts, value = _parse_override(item)
         node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
             if not isinstance(child, dict):
-                child = {}
+                # a key inside a dict-valued field (model.non_local_layers.layer2=[1])
+                # updates that entry of the field's default instead of replacing the dict
+                child = _dict_field_default(parts[: depth + 1])
                 node[part] = child
             node = child
         node[parts[-1]] = value
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def _dict_field_default(dotted: list[str]) -> dict:
+    """A copy of the default of the dict-valued field at ``dotted`` ({} for sections)."""
+    model: Any = Config
+    field = None
+    for part in dotted:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return {}
+        field = model.model_fields.get(part)
+        if field is None:
+            return {}
+        model = field.annotation
+    if field is None or get_origin(field.annotation) is not dict:
+        return {}
+    return copy.deepcopy(field.get_default(call_default_factory=True))
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
     """Load a YAML config (with ``_base_`` inheritance) and apply ``key=value`` overrides.
 
-    ``path=None`` starts from the defaults. Errors name the file and the offending key.
+    ``path=None`` starts from the defaults. Errors name the file and the offending key (and,
+    when it differs, the inherited file or the override that set it).
     """
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    raw: dict = {}
+    origins: dict[tuple[str, ...], str] = {}
+    if path is not None:
+        raw, origins = _read_yaml_tracked(Path(path))
     raw = apply_overrides(raw, overrides)
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        origins = {
+            k: v for k, v in origins.items() if k[: len(key.split("."))] != tuple(key.split("."))
+        }
+        origins[tuple(key.split("."))] = f"override {item}"
     source = str(path) if path is not None else "<defaults>"
     if overrides:
         source += " (with overrides " + " ".join(overrides) + ")"
-    return config_from_dict(raw, source)
+    return config_from_dict(raw, source, origins)
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

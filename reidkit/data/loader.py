@@ -1,0 +1,461 @@
+"""Datasets and DataLoaders that yield re-ID batch dicts (see docs/design.md).
+
+A batch is ``{"images": (B, 3, H, W) float32, "pids": (B,) int64, "camids": (B,) int64,
+"paths": list[str], "index": (B,) int64}`` plus ``"keypoints": (B, 17, 3) float32`` when
+every record of the batch has ``extras["keypoints"]``.
+
+Reproducibility: the training sampler hands each dataset index together with a per-sample
+seed derived from ``(seed, epoch, global position in the epoch)``; the dataset builds a
+``torch.Generator`` from it for the transforms. Augmentation therefore depends on neither
+``num_workers`` nor the DDP world size, and is identical when an epoch is replayed.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, get_worker_info
+
+from .records import ImageRecord
+from .samplers import PKSampler, ShuffleSampler
+from .transforms import (
+    Compose,
+    Normalize,
+    RandomErasing,
+    Transform,
+    build_test_transforms,
+    build_train_transforms,
+    image_size,
+    to_uint8_tensor,
+)
+
+__all__ = [
+    "CorruptImageError",
+    "ImageDataset",
+    "SeededSampler",
+    "ReIDDataLoader",
+    "collate_reid",
+    "split_deferred",
+    "sample_seed",
+    "worker_init_fn",
+    "build_train_loader",
+    "build_test_loader",
+]
+
+_MASK64 = (1 << 64) - 1
+
+
+class CorruptImageError(RuntimeError):
+    """An image file could not be read; the message names the file."""
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """Per-sample 63-bit seed from ``(seed, epoch, position)`` (splitmix64 chain).
+
+    Distinct triples give statistically independent seeds; the value is platform-independent.
+    """
+    h = _splitmix64(seed & _MASK64)
+    h = _splitmix64(h ^ (epoch & _MASK64))
+    h = _splitmix64(h ^ (position & _MASK64))
+    return h >> 1
+
+
+def _read_keypoints(record: ImageRecord) -> Tensor | None:
+    kp = record.extras.get("keypoints") if record.extras else None
+    if kp is None:
+        return None
+    t = torch.as_tensor(np.asarray(kp, dtype=np.float32))
+    if t.shape != (17, 3):
+        raise ValueError(
+            f"{record.path}: extras['keypoints'] must be 17 rows of [x, y, v] (COCO-17), got shape {tuple(t.shape)}"
+        )
+    return t
+
+
+class ImageDataset(Dataset):
+    """Map-style dataset over :class:`ImageRecord` s.
+
+    ``dataset[i]`` or ``dataset[(i, seed)]`` returns ``{"image": (3, H, W) float32, "pid": int,
+    "camid": int, "path": str, "index": int}`` plus ``"keypoints": (17, 3) float32`` when the
+    record has ``extras["keypoints"]`` (moved consistently with the geometric transforms).
+    The transform receives a ``torch.Generator`` seeded with ``seed`` (or, for a plain index,
+    with ``sample_seed(base_seed, 0, i)``).
+
+    Unreadable images raise :class:`CorruptImageError` naming the file, or, with
+    ``skip_corrupt=True``, emit a warning, count it in ``num_skipped`` (of this process) and
+    return ``None``, which :func:`collate_reid` drops from the batch.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        transform: Transform | None,
+        skip_corrupt: bool = False,
+        base_seed: int = 0,
+        defer_normalize: bool = False,
+    ) -> None:
+        self.records = list(records)
+        self.transform = transform
+        self.skip_corrupt = bool(skip_corrupt)
+        self.base_seed = int(base_seed)
+        self.num_skipped = 0
+        self.defer_normalize = bool(defer_normalize)
+        self.head: list[Transform] = []
+        self.normalize: Normalize | None = None
+        self.erasing: RandomErasing | None = None
+        if self.defer_normalize:
+            self.head, self.normalize, self.erasing = split_deferred(transform)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @staticmethod
+    def read_image(path: str) -> Image.Image:
+        """Open ``path`` as an RGB PIL image, or raise :class:`CorruptImageError` naming it."""
+        try:
+            im = Image.open(path)
+            try:
+                im.load()  # decodes; PIL then closes the file of a single-frame image
+            except BaseException:
+                im.close()
+                raise
+            if im.mode != "RGB":
+                rgb = im.convert("RGB")
+                im.close()
+                return rgb
+            return im
+        except (
+            OSError,
+            UnidentifiedImageError,
+            ValueError,
+            SyntaxError,
+            Image.DecompressionBombError,
+        ) as exc:
+            raise CorruptImageError(
+                f"{path}: cannot read image ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        if isinstance(key, tuple):
+            index, seed = int(key[0]), int(key[1])
+        else:
+            index = int(key)
+            seed = sample_seed(self.base_seed, 0, index)
+        record = self.records[index]
+        try:
+            img: Any = self.read_image(record.path)
+        except CorruptImageError as exc:
+            if not self.skip_corrupt:
+                raise CorruptImageError(
+                    f"{exc}; set data.skip_corrupt=true to skip unreadable images"
+                ) from exc
+            self.num_skipped += 1
+            warnings.warn(f"skipping unreadable image {record.path}", RuntimeWarning, stacklevel=2)
+            return None
+        keypoints = _read_keypoints(record)
+        erase_box = None
+        if self.defer_normalize:
+            gen = torch.Generator().manual_seed(seed)
+            if keypoints is not None:
+                keypoints = keypoints.clone()
+            for t in self.head:
+                img, keypoints = t.apply(img, keypoints, gen)
+            img = to_uint8_tensor(img)
+            if img.is_floating_point():  # e.g. after ColorJitter: back to [0, 255]
+                img = img.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+            box = (
+                self.erasing.sample_box(*image_size(img), gen) if self.erasing is not None else None
+            )
+            erase_box = torch.tensor(box if box is not None else (0, 0, 0, 0), dtype=torch.long)
+        elif self.transform is not None:
+            gen = torch.Generator().manual_seed(seed)
+            img, keypoints = self.transform.apply(img, keypoints, gen)
+        if not isinstance(img, Tensor):
+            raise TypeError(
+                f"{record.path}: the transform returned {type(img).__name__}; it must end in a "
+                "tensor (add Normalize or ToTensor)"
+            )
+        item: dict[str, Any] = {
+            "image": img,
+            "pid": int(record.pid),
+            "camid": int(record.camid),
+            "path": record.path,
+            "index": index,
+        }
+        if keypoints is not None:
+            item["keypoints"] = keypoints
+        if erase_box is not None:
+            item["erase_box"] = erase_box
+        return item
+
+
+def split_deferred(
+    transform: Transform | None,
+) -> tuple[list[Transform], Normalize, RandomErasing | None]:
+    """Split a pipeline ``[..., Normalize, (RandomErasing)]`` into the part run per sample in
+    the workers (uint8 output), the ``Normalize`` and the optional ``RandomErasing`` that
+    :meth:`ReIDDataLoader.prepare` applies to the whole batch (on the training device)."""
+    steps = transform.transforms if isinstance(transform, Compose) else []
+    norm_at = [i for i, t in enumerate(steps) if isinstance(t, Normalize)]
+    tail = steps[norm_at[0] + 1 :] if norm_at else []
+    if len(norm_at) != 1 or len(tail) > 1 or (tail and not isinstance(tail[0], RandomErasing)):
+        raise ValueError(
+            "defer_normalize needs a Compose ending in Normalize or Normalize + RandomErasing, got "
+            f"{transform!r}"
+        )
+    erasing = tail[0] if tail else None
+    return list(steps[: norm_at[0]]), steps[norm_at[0]], erasing  # type: ignore[return-value]
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack``; inside a DataLoader worker the result is written straight into shared
+    memory (as ``default_collate`` does), saving the copy the worker would make to send it."""
+    elem = tensors[0]
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    numel = sum(t.numel() for t in tensors)
+    storage = elem.untyped_storage()._new_shared(numel * elem.element_size(), device=elem.device)
+    out = elem.new(storage).resize_(len(tensors), *elem.shape)
+    return torch.stack(tensors, out=out)
+
+
+def collate_reid(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """Stack dataset items into the batch dict (``None`` items, i.e. skipped images, are
+    dropped). ``keypoints`` is included only when every item has it."""
+    kept = [it for it in items if it is not None]
+    if not kept:
+        return {
+            "images": torch.empty(0, 3, 0, 0),
+            "pids": torch.empty(0, dtype=torch.long),
+            "camids": torch.empty(0, dtype=torch.long),
+            "paths": [],
+            "index": torch.empty(0, dtype=torch.long),
+        }
+    batch: dict[str, Any] = {
+        "images": _stack([it["image"] for it in kept]),
+        "pids": torch.tensor([it["pid"] for it in kept], dtype=torch.long),
+        "camids": torch.tensor([it["camid"] for it in kept], dtype=torch.long),
+        "paths": [it["path"] for it in kept],
+        "index": torch.tensor([it["index"] for it in kept], dtype=torch.long),
+    }
+    if all("keypoints" in it for it in kept):
+        batch["keypoints"] = torch.stack([it["keypoints"] for it in kept])
+    if all("erase_box" in it for it in kept):
+        batch["erase_boxes"] = torch.stack([it["erase_box"] for it in kept])
+    return batch
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Wrap an index sampler so it yields ``(index, per-sample seed)`` pairs.
+
+    The seed is :func:`sample_seed` of ``(seed, epoch, global position)``, using the inner
+    sampler's ``iter_with_positions()`` when it has one (the samplers of
+    :mod:`reidkit.data.samplers`) and the local position otherwise. ``set_epoch`` and
+    ``len`` are forwarded.
+    """
+
+    def __init__(self, sampler: Sampler[int], seed: int) -> None:
+        self.sampler = sampler
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            if start_step:
+                self.sampler.set_epoch(epoch, start_step=start_step)
+            else:
+                self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        pairs = (
+            self.sampler.iter_with_positions()
+            if hasattr(self.sampler, "iter_with_positions")
+            else ((i, p) for p, i in enumerate(self.sampler))
+        )
+        for index, position in pairs:
+            yield index, sample_seed(self.seed, self.epoch, position)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+
+class ReIDDataLoader(DataLoader):
+    """A ``DataLoader`` with ``set_epoch(epoch, start_step=0)`` forwarded to its sampler and
+    :meth:`prepare`, which moves a batch to the device (and, for loaders built with
+    ``defer_normalize=True``, normalises and erases it there)."""
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the training epoch (and, when resuming mid-epoch, the first step)."""
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch, start_step=start_step)
+
+    def prepare(
+        self, batch: dict[str, Any], device: torch.device | str, non_blocking: bool = True
+    ) -> dict[str, Any]:
+        """Batch with its tensors on ``device`` and ``images`` normalised float32.
+
+        With ``defer_normalize`` the workers ship ``uint8`` images (4x less memory traffic)
+        plus ``erase_boxes`` (B, 4); here they become exactly what the float pipeline gives
+        (same per-sample boxes), with the arithmetic done on ``device``.
+        """
+        out = {
+            k: v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v
+            for k, v in batch.items()
+        }
+        boxes = out.pop("erase_boxes", None)
+        ds = self.dataset
+        if (
+            isinstance(ds, ImageDataset)
+            and ds.defer_normalize
+            and out["images"].dtype == torch.uint8
+        ):
+            assert ds.normalize is not None
+            images = ds.normalize.apply(out["images"])[0]
+            if ds.erasing is not None and boxes is not None:
+                images = ds.erasing.erase_batch(images, boxes)
+            out["images"] = images
+        return out
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Seed Python's and NumPy's global RNGs of a worker from torch's per-worker seed.
+
+    The DataLoader derives torch's worker seed from its own seeded generator, so custom
+    transforms that use the global RNGs stay reproducible; reidkit's own transforms only use
+    the per-sample generator and do not depend on this.
+    """
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _data_cfg_and_seed(cfg: Any) -> tuple[Any, int]:
+    data = getattr(cfg, "data", None)
+    if data is None:  # a DataConfig passed directly
+        return cfg, 0
+    return data, int(getattr(cfg, "seed", 0))
+
+
+def _loader_kwargs(num_workers: int, seed: int) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "num_workers": num_workers,
+        "collate_fn": collate_reid,
+        "pin_memory": torch.cuda.is_available(),
+        "worker_init_fn": worker_init_fn,
+        "generator": torch.Generator().manual_seed(seed),
+    }
+    if num_workers > 0:
+        kw["persistent_workers"] = True
+        kw["prefetch_factor"] = 4
+    return kw
+
+
+def build_train_loader(
+    cfg: Any,
+    records: Sequence[ImageRecord],
+    rank: int = 0,
+    world_size: int = 1,
+    epoch_seed: int | None = None,
+    transform: Transform | None = None,
+    defer_normalize: bool = False,
+) -> ReIDDataLoader:
+    """Training DataLoader: PK (or shuffle) sampler + training transforms.
+
+    Args:
+        cfg: a :class:`reidkit.config.Config` (uses ``cfg.data`` and ``cfg.seed``) or a
+            ``DataConfig`` alone (seed 0).
+        records: training records (relabelled pids).
+        rank, world_size: DDP position; ``cfg.data.batch_size`` is the global batch, each rank
+            yields ``batch_size // world_size`` samples per step (whole identities for PK).
+        epoch_seed: seed of the sampler and of the augmentation (default ``cfg.seed``).
+        transform: override the transforms (default :func:`build_train_transforms`).
+        defer_normalize: ship ``uint8`` images and ``erase_boxes``; call
+            ``loader.prepare(batch, device)`` to get the normalised, erased float batch.
+
+    Returns:
+        A :class:`ReIDDataLoader`; call ``loader.set_epoch(epoch)`` before each epoch.
+        ``len(loader)`` is the number of steps per epoch.
+    """
+    data, cfg_seed = _data_cfg_and_seed(cfg)
+    seed = cfg_seed if epoch_seed is None else int(epoch_seed)
+    if len(records) == 0:
+        raise ValueError(
+            "build_train_loader: no training records (is the dataset's train split empty?)"
+        )
+    if data.sampler == "pk":
+        base: Sampler[int] = PKSampler(
+            [r.pid for r in records],
+            batch_size=data.batch_size,
+            num_instances=data.num_instances,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            drop_last=True,
+        )
+    elif data.sampler == "random":
+        base = ShuffleSampler(
+            len(records), data.batch_size, seed=seed, rank=rank, world_size=world_size
+        )
+    else:
+        raise ValueError(f"data.sampler: expected 'pk' or 'random', got {data.sampler!r}")
+    sampler = SeededSampler(base, seed)
+    dataset = ImageDataset(
+        records,
+        transform if transform is not None else build_train_transforms(data),
+        skip_corrupt=data.skip_corrupt,
+        base_seed=seed,
+        defer_normalize=defer_normalize,
+    )
+    return ReIDDataLoader(
+        dataset,
+        batch_size=data.batch_size // world_size,
+        sampler=sampler,
+        drop_last=True,
+        **_loader_kwargs(data.num_workers, seed),
+    )
+
+
+def build_test_loader(
+    cfg: Any,
+    records: Sequence[ImageRecord],
+    transform: Transform | None = None,
+    occlusion_p: float = 0.0,
+    defer_normalize: bool = False,
+) -> ReIDDataLoader:
+    """Ordered DataLoader without augmentation (``data.test_batch_size``, keeps every record).
+
+    ``occlusion_p > 0`` adds random erasing seeded by record index (MGRe's occlusion test);
+    ``defer_normalize`` as in :func:`build_train_loader`.
+    """
+    data, seed = _data_cfg_and_seed(cfg)
+    if transform is None:
+        transform = build_test_transforms(data, occlusion_p=occlusion_p)
+    dataset = ImageDataset(
+        records,
+        transform,
+        skip_corrupt=data.skip_corrupt,
+        base_seed=seed,
+        defer_normalize=defer_normalize,
+    )
+    return ReIDDataLoader(
+        dataset,
+        batch_size=data.test_batch_size,
+        sampler=SequentialSampler(dataset),
+        drop_last=False,
+        **_loader_kwargs(data.num_workers, seed),
+    )
