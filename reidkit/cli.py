@@ -13,7 +13,9 @@ import reidkit.commands as commands
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reidkit", description="Person re-identification toolkit")
-    parser.add_argument("--version", action="version", version=f"reidkit {__import__('reidkit').__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"reidkit {__import__('reidkit').__version__}"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
         module = importlib.import_module(f"reidkit.commands.{info.name}")
@@ -24,7 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # key=value overrides given after an option flag (argparse stops filling the
+        # positional list at the first flag): append them to the command's overrides
+        if isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra
+        ):
+            args.overrides.extend(extra)
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

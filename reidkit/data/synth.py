@@ -1273,18 +1273,25 @@ def _plan(
     for person, pid in zip(train_idx + test_idx, pids):
         persons[person]["pid"] = int(pid)
 
-    # distractor people: half of them are extra look-alikes of test families
+    # distractor people: some are extra look-alikes of test families
     n_dis_people = max(1, math.ceil(preset.num_distractors / 3)) if preset.num_distractors else 0
     test_fams = sorted({persons[i]["family"] for i in test_idx})
     dis_idx = []
     for _ in range(n_dis_people):
         fid = int(rng.choice(test_fams))
         fam = families[str(fid)]
+        attrs = None
         if fam["varies"] and rng.random() < 0.5:
-            base = next(persons[i]["attrs"] for i in test_idx if persons[i]["family"] == fid)
-            attrs = dict(base)
-            for cue in fam["varies"]:
-                attrs.update(_sample_cue(rng, cue, attrs))
+            kin = [p["attrs"] for p in persons if p["family"] == fid]
+            taken = {_cue_signature(a, fam["varies"]) for a in kin}
+            for _try in range(20):  # a new member, never a copy of an existing one
+                cand = dict(kin[0])
+                for cue in fam["varies"]:
+                    cand.update(_sample_cue(rng, cue, cand))
+                if _cue_signature(cand, fam["varies"]) not in taken:
+                    attrs = cand
+                    break
+        if attrs is not None:
             persons.append({"family": fid, "attrs": attrs, "pid": 0})
         else:
             persons.append({"family": None, "attrs": sample_identity(rng), "pid": 0})

@@ -1,1 +1,19 @@
+"""Training engine: the training loop, checkpoints, feature extraction, evaluation, DDP."""
 
+from reidkit.engine.checkpoint import atomic_save, load_checkpoint, load_model
+from reidkit.engine.evaluator import EvalResult, evaluate_feature_sets, evaluate_model
+from reidkit.engine.extract import FeatureSet, extract_features
+from reidkit.engine.trainer import NonFiniteLossError, train
+
+__all__ = [
+    "train",
+    "load_model",
+    "extract_features",
+    "evaluate_model",
+    "evaluate_feature_sets",
+    "EvalResult",
+    "FeatureSet",
+    "NonFiniteLossError",
+    "atomic_save",
+    "load_checkpoint",
+]

@@ -36,7 +36,9 @@ def resolve_topk(k: float | int, num_cells: int) -> int:
             )
         count = int(k)
     if count > num_cells:
-        raise ValueError(f"k={k} asks for {count} cells but the activation map has only {num_cells}")
+        raise ValueError(
+            f"k={k} asks for {count} cells but the activation map has only {num_cells}"
+        )
     return count
 
 

@@ -1,0 +1,130 @@
+"""``reidkit flops``: parameters, GFLOPs and latency of a config's model.
+
+    reidkit flops -c configs/bot/market1501.yaml [key=value ...] [--device cuda] [--batch-sizes 1 32]
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` for one eval-mode forward
+of a single ``3 x data.height x data.width`` image (multiply-adds count as 2 FLOPs; only
+convolutions and matrix products are counted). Latency is the median over ``--runs`` timed
+forwards after ``--warmup`` untimed ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+__all__ = ["add_parser", "run", "count_flops", "measure_latency"]
+
+
+def count_flops(model, image_shape: tuple[int, int, int], device) -> int:
+    """FLOPs of one eval-mode forward of a single image ``(3, H, W)``."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, *image_shape, device=device)
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def measure_latency(
+    model, image_shape, batch_size: int, device, warmup: int = 2, runs: int = 5, amp: str = "off"
+) -> float:
+    """Median seconds per forward of a ``batch_size`` batch."""
+    import torch
+
+    from reidkit.engine.extract import autocast_context
+
+    x = torch.randn(batch_size, *image_shape, device=device)
+    model.eval()
+    times = []
+    with torch.no_grad(), autocast_context(torch.device(device), amp):
+        for i in range(warmup + runs):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from reidkit.config import load_config
+    from reidkit.engine.distributed import resolve_device
+    from reidkit.methods import build_method
+
+    cfg = load_config(args.config, args.overrides)
+    device = resolve_device(args.device or cfg.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_method(cfg, args.num_classes).to(device).eval()
+    shape = (3, cfg.data.height, cfg.data.width)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops = count_flops(model, shape, device)
+    latency = {}
+    for bs in args.batch_sizes:
+        sec = measure_latency(model, shape, bs, device, args.warmup, args.runs, cfg.amp)
+        latency[bs] = {"ms_per_batch": 1000 * sec, "ms_per_image": 1000 * sec / bs}
+    print(
+        f"model: {cfg.model.name} ({cfg.model.backbone}), input 3x{cfg.data.height}x{cfg.data.width}, device {device}"
+    )
+    print(f"parameters: {n_params / 1e6:.3f} M ({n_train / 1e6:.3f} M trainable)")
+    print(f"GFLOPs per image: {flops / 1e9:.3f} (= {flops / 2e9:.3f} G multiply-adds)")
+    for bs, lat in latency.items():
+        print(
+            f"latency batch {bs:>3}: {lat['ms_per_image']:.2f} ms/image ({lat['ms_per_batch']:.1f} ms/batch)"
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "model": cfg.model.name,
+                    "backbone": cfg.model.backbone,
+                    "input": list(shape),
+                    "device": str(device),
+                    "parameters": n_params,
+                    "trainable_parameters": n_train,
+                    "flops": flops,
+                    "gflops": flops / 1e9,
+                    "latency": {str(k): v for k, v in latency.items()},
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "flops",
+        help="parameters, GFLOPs and latency of a model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-c", "--config", required=True, help="YAML config of the model")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 (default: the config's device)"
+    )
+    p.add_argument(
+        "--num-classes", type=int, default=751, help="classifier size (not in the eval forward)"
+    )
+    p.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1, 32], help="latency batch sizes"
+    )
+    p.add_argument("--warmup", type=int, default=2, help="untimed forwards")
+    p.add_argument("--runs", type=int, default=5, help="timed forwards (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    p.set_defaults(func=run)

@@ -1,0 +1,134 @@
+"""``reidkit report``: an explainable ranking report (self-contained HTML).
+
+    reidkit report -c CONFIG --weights runs/x/checkpoints/best.pt --out DIR [--queries 12] [--topk 10]
+
+Evaluates the weights on the config's query/gallery split, then writes ``DIR/report.html``:
+summary metrics, the CMC curve, and for each chosen query (about half of them rank-1
+misses, ``--failure-fraction``) its top-k gallery images with green/red borders for
+true/false matches and ranking activation map overlays (CAMA Eq. 10): the aggregate map
+and, for multi-branch models such as CAMA, one map per branch, switchable in the page.
+The file embeds every image (base64) and needs no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from reidkit import metrics as M
+    from reidkit.config import load_config
+    from reidkit.data.datasets import dataset_from_config
+    from reidkit.data.loader import build_test_loader
+    from reidkit.engine import evaluate_model, load_model
+    from reidkit.engine.distributed import resolve_device
+    from reidkit.viz.report import build_ranking_report
+
+    if args.queries < 1 or args.topk < 1:
+        raise ValueError(f"--queries and --topk must be >= 1 (got {args.queries}, {args.topk})")
+    if not 0.0 <= args.failure_fraction <= 1.0:
+        raise ValueError(f"--failure-fraction must be in [0, 1], got {args.failure_fraction}")
+    cfg = load_config(args.config, args.overrides)
+    weights = Path(args.weights)
+    if not weights.is_file():
+        hint = " (a folder; pass e.g. checkpoints/best.pt inside it)" if weights.is_dir() else ""
+        raise FileNotFoundError(f"--weights: file not found: {weights}{hint}")
+    device = resolve_device(args.device or cfg.device, 0)
+    dataset = dataset_from_config(cfg.data)
+    model = load_model(cfg, weights, num_classes=args.num_classes, device=device)
+    result = evaluate_model(cfg, model, dataset, device, progress=not args.no_progress)
+    q, g = result.query, result.gallery
+    if result.rerank:
+        distmat = M.re_ranking(
+            q.feats,
+            g.feats,
+            k1=cfg.test.rerank_k1,
+            k2=cfg.test.rerank_k2,
+            lambda_value=cfg.test.rerank_lambda,
+        )
+    else:
+        distmat = M.compute_distance(q.feats, g.feats, cfg.test.metric)
+    distmat = torch.as_tensor(distmat).float().cpu()
+    print(result.table(title=f"{dataset.name}"))
+
+    # single-process loading of the few images of each ranking row
+    row_cfg = cfg.model_copy(deep=True)
+    row_cfg.data.num_workers = 0
+
+    def load_images(q_idx: list[int], g_idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        def load(records) -> torch.Tensor:
+            return torch.cat([b["images"] for b in build_test_loader(row_cfg, records)])
+
+        return load([dataset.query[i] for i in q_idx]), load([dataset.gallery[i] for i in g_idx])
+
+    subtitle = (
+        f"weights {weights} · {len(dataset.query)} queries, {len(dataset.gallery)} gallery images"
+    )
+    if int(getattr(model, "num_branches", 1)) > 1:
+        from reidkit.viz.overlap import branch_overlap
+
+        overlap = branch_overlap(
+            model, build_test_loader(row_cfg, dataset.query), max_batches=4, device=device
+        )
+        subtitle += f" · branch overlap (mean top-k CAM IoU, first queries) {overlap:.3f}"
+    out = Path(args.out) / "report.html"
+    build_ranking_report(
+        model,
+        load_images,
+        distmat,
+        q.pids,
+        g.pids,
+        q.camids,
+        g.camids,
+        metrics=result.metrics,
+        cmc=result.cmc.tolist(),
+        out_path=out,
+        num_queries=args.queries,
+        topk=args.topk,
+        failure_fraction=args.failure_fraction,
+        feature=cfg.test.feature,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        device=device,
+        seed=args.seed,
+        title=f"{cfg.model.name} on {dataset.name}: ranking report",
+        subtitle=subtitle,
+    )
+    print(f"report: {out}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="HTML ranking report with ranking activation maps",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-c", "--config", required=True, help="YAML config of the model and dataset")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument(
+        "--weights", required=True, help="checkpoint (.pt) or weights (.pth/.safetensors)"
+    )
+    p.add_argument("--out", required=True, help="output folder (report.html is written there)")
+    p.add_argument("--queries", type=int, default=12, help="number of queries shown (default 12)")
+    p.add_argument("--topk", type=int, default=10, help="gallery images per query (default 10)")
+    p.add_argument(
+        "--failure-fraction",
+        type=float,
+        default=0.5,
+        help="share of chosen queries that are rank-1 misses (default 0.5)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the query choice")
+    p.add_argument("--device", default=None, help="override cfg.device (cpu, cuda, cuda:1)")
+    p.add_argument(
+        "--num-classes", type=int, default=None, help="identities of the weights' classifier"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    p.set_defaults(func=run)

@@ -1,0 +1,238 @@
+"""Atomic, pickle-free checkpoints and RNG state capture.
+
+Checkpoints are plain ``torch.save`` dicts that contain only tensors and primitive
+containers, so they load with ``torch.load(weights_only=True)`` (no code is ever
+unpickled). Writes go to a temporary file in the same folder, are ``fsync``-ed, then
+``os.replace``-d over the target: a crash mid-write leaves the previous file intact.
+
+Layout of a training checkpoint (``checkpoints/last.pt``)::
+
+    {"format": "reidkit.checkpoint/1", "model": state_dict, "num_classes": int,
+     "optimizer": ..., "warm_optimizer": ... | None, "aux_optimizer": ... | None,
+     "scheduler": {...}, "scaler": {...} | None, "epoch": int (last finished, 0-based),
+     "global_step": int, "rng": {...}, "best": {...} | None, "config": dict}
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "atomic_save",
+    "load_checkpoint",
+    "get_rng_state",
+    "set_rng_state",
+    "extract_state_dict",
+    "CHECKPOINT_FORMAT",
+]
+
+CHECKPOINT_FORMAT = "reidkit.checkpoint/1"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (tmp file + fsync + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # serialise fully before touching the disk
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint or weights file with ``weights_only=True``.
+
+    ``.safetensors`` files are read with safetensors and returned as ``{"model": tensors}``.
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the file on problems.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return {"model": load_file(str(path), device=str(map_location))}
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt file, or a pickle that needs code
+        raise ValueError(
+            f"{path}: cannot be loaded with torch.load(weights_only=True) "
+            f"(corrupt, or it contains pickled code): {exc}"
+        ) from exc
+    if not isinstance(obj, dict):
+        raise ValueError(
+            f"{path}: expected a dict (state dict or checkpoint), got {type(obj).__name__}"
+        )
+    return obj
+
+
+def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
+    """The model state dict in a reidkit checkpoint, a ``{"state_dict": ...}`` /
+    ``{"model": ...}`` wrapper, or a bare state dict; strips ``module.`` prefixes."""
+    for key in ("model", "state_dict", "model_state"):
+        if key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        bad = next(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
+        raise ValueError(f"not a model state dict: entry '{bad}' is not a tensor")
+    prefixes = ("module.", "_orig_mod.")
+    out = {}
+    for k, v in obj.items():
+        changed = True
+        while changed:
+            changed = False
+            for pre in prefixes:
+                if k.startswith(pre):
+                    k = k[len(pre) :]
+                    changed = True
+        out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------------------ RNG
+def get_rng_state() -> dict:
+    """Python, NumPy, torch CPU and CUDA RNG states as tensors / primitives only."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "name": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64).copy()),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the states captured by :func:`get_rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            npst["name"],
+            npst["keys"].cpu().numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        n = min(len(cuda), torch.cuda.device_count())
+        for i in range(n):
+            torch.cuda.set_rng_state(cuda[i].cpu(), i)
+
+
+# ----------------------------------------------------------------------- model loading
+def _infer_num_classes(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """Number of identities of a state dict, from tensors whose first dimension is the
+    class count in ``model`` (built with one class)."""
+    counts = set()
+    for key, tensor in model.state_dict().items():
+        other = state.get(key)
+        if (
+            other is not None
+            and other.shape != tensor.shape
+            and tensor.dim() >= 1
+            and tensor.shape[0] == 1
+            and other.shape[1:] == tensor.shape[1:]
+        ):
+            counts.add(int(other.shape[0]))
+    return counts.pop() if len(counts) == 1 else None
+
+
+def load_model(
+    cfg, weights: str | Path, num_classes: int | None = None, device: str | torch.device = "cpu"
+):
+    """Build ``cfg.model.name`` and load ``weights`` (a run's ``last.pt``/``best.pt``, a
+    ``.pt``/``.pth`` state dict or a ``.safetensors`` file) with ``weights_only=True``.
+
+    ``num_classes`` defaults to the checkpoint's ``num_classes`` or is inferred from the
+    classifier shapes. Returns the model in eval mode on ``device``. Raises
+    ``FileNotFoundError`` for a missing file and ``ValueError`` naming the mismatched keys
+    when the weights do not fit the configured model.
+    """
+    from reidkit.methods import build_method
+
+    weights = Path(weights)
+    if not weights.is_file():
+        hint = " (it is a folder: pass e.g. checkpoints/best.pt)" if weights.is_dir() else ""
+        raise FileNotFoundError(f"--weights: file not found: {weights}{hint}")
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.pretrained = None  # the weights replace any ImageNet initialisation
+    obj = load_checkpoint(weights)
+    state = extract_state_dict(obj)
+    if num_classes is None:
+        num_classes = obj.get("num_classes") if isinstance(obj.get("num_classes"), int) else None
+    if num_classes is None:
+        probe = build_method(cfg, 1)
+        num_classes = _infer_num_classes(probe, state)
+        if num_classes is None:
+            num_classes = 1
+        del probe
+    model = build_method(cfg, num_classes)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if shape:
+            parts.append(f"{len(shape)} with other shapes (e.g. {'; '.join(shape[:3])})")
+        raise ValueError(
+            f"{weights}: weights do not match model '{cfg.model.name}' "
+            f"({cfg.model.backbone}): " + ", ".join(parts)
+        )
+    model.load_state_dict(state)
+    return model.to(device).eval()

@@ -1,0 +1,479 @@
+"""Explainable ranking report: a self-contained HTML page of ranking lists with RAMs.
+
+For each chosen query the page shows the query and its top-k gallery images (green
+border: same identity, red: different), each with its ranking activation map overlay
+(CAMA Eq. 10): the aggregate map of the test feature and, for multi-branch models, one
+map per branch, switchable with buttons (plain JS, no network). The page also carries the
+summary metrics and the CMC curve (inline SVG). Images are embedded as base64 JPEG data
+URIs, so the single file can be mailed or archived.
+
+Queries are chosen to include rank-1 failures (``failure_fraction`` of them), since those
+are what users inspect.
+
+Entry points: :func:`build_ranking_report` (model + records + distance matrix -> file)
+and the lower-level :func:`render_report_html` (rows of already-encoded images -> HTML).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from reidkit.viz.ram import feature_maps, ranking_activation_map
+
+__all__ = [
+    "ReportImage",
+    "ReportRow",
+    "jet",
+    "overlay_heatmap",
+    "to_data_uri",
+    "cmc_svg",
+    "select_queries",
+    "ranked_gallery",
+    "render_report_html",
+    "build_ranking_report",
+]
+
+IMAGE_VIEW = "image"
+AGGREGATE_VIEW = "aggregate"
+
+
+@dataclass
+class ReportImage:
+    """One thumbnail: ``views`` maps a view key (``image``, ``aggregate``, ``branch1``...)
+    to a data URI; ``kind`` is ``query``, ``match`` or ``nonmatch``."""
+
+    views: dict[str, str]
+    caption: str
+    kind: str
+
+
+@dataclass
+class ReportRow:
+    """A query and its ranked gallery images."""
+
+    title: str
+    query: ReportImage
+    gallery: list[ReportImage]
+    failure: bool
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- images
+def jet(values: np.ndarray) -> np.ndarray:
+    """The jet colormap: ``values`` in [0, 1] of any shape -> uint8 RGB ``(..., 3)``."""
+    v = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
+    rgb = np.stack([np.clip(1.5 - np.abs(4 * v - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)], axis=-1)
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def overlay_heatmap(
+    image: np.ndarray,
+    heat: np.ndarray,
+    alpha: float = 0.5,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> np.ndarray:
+    """Blend a jet heatmap over an image.
+
+    ``image`` uint8 ``(H, W, 3)``, ``heat`` float ``(H, W)`` (same size); ``heat`` is
+    scaled to [0, 1] with ``vmin``/``vmax`` (default: its own min/max). Returns uint8
+    ``(H, W, 3)``.
+    """
+    if image.shape[:2] != heat.shape:
+        raise ValueError(f"heatmap {heat.shape} must match the image size {image.shape[:2]}")
+    lo = float(heat.min()) if vmin is None else vmin
+    hi = float(heat.max()) if vmax is None else vmax
+    scaled = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
+    mixed = (1 - alpha) * image.astype(np.float32) + alpha * jet(scaled).astype(np.float32)
+    return np.clip(mixed + 0.5, 0, 255).astype(np.uint8)
+
+
+def to_data_uri(image: np.ndarray, fmt: str = "JPEG", quality: int = 88) -> str:
+    """uint8 ``(H, W, 3)`` -> ``data:image/jpeg;base64,...`` (or PNG)."""
+    buf = io.BytesIO()
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    if fmt.upper() == "JPEG":
+        pil.save(buf, format="JPEG", quality=quality)
+        mime = "image/jpeg"
+    else:
+        pil.save(buf, format="PNG")
+        mime = "image/png"
+    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def cmc_svg(cmc: Sequence[float], max_rank: int = 20, width: int = 380, height: int = 240) -> str:
+    """An inline SVG line chart of the CMC curve (ranks 1..``max_rank``, accuracy in %)."""
+    values = [float(v) for v in list(cmc)[:max_rank]]
+    if not values:
+        return "<svg class='cmc' xmlns='http://www.w3.org/2000/svg'></svg>"
+    if max(values) <= 1.0 + 1e-9:
+        values = [100.0 * v for v in values]
+    left, right, top, bottom = 44, 12, 12, 34
+    pw, ph = width - left - right, height - top - bottom
+    n = len(values)
+
+    def xy(i: int, v: float) -> tuple[float, float]:
+        x = left + (pw * i / (n - 1) if n > 1 else pw / 2)
+        return x, top + ph * (1 - v / 100.0)
+
+    parts = [
+        f"<svg class='cmc' xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+        f"viewBox='0 0 {width} {height}' role='img' aria-label='CMC curve'>",
+        f"<rect x='{left}' y='{top}' width='{pw}' height='{ph}' fill='#fafafa' stroke='#999'/>",
+    ]
+    for tick in range(0, 101, 20):
+        _, y = xy(0, tick)
+        parts.append(
+            f"<line x1='{left}' x2='{left + pw}' y1='{y:.1f}' y2='{y:.1f}' stroke='#ddd'/>"
+        )
+        parts.append(
+            f"<text x='{left - 6}' y='{y + 4:.1f}' font-size='11' text-anchor='end'>{tick}</text>"
+        )
+    for i in range(n):
+        if i in (0, n - 1) or (i + 1) % 5 == 0:
+            x, _ = xy(i, 0)
+            parts.append(
+                f"<text x='{x:.1f}' y='{top + ph + 16}' font-size='11' text-anchor='middle'>{i + 1}</text>"
+            )
+    points = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in enumerate(values)))
+    parts.append(f"<polyline fill='none' stroke='#2b6cb0' stroke-width='2' points='{points}'/>")
+    for i, v in enumerate(values):
+        x, y = xy(i, v)
+        parts.append(
+            f"<circle cx='{x:.1f}' cy='{y:.1f}' r='2.5' fill='#2b6cb0'><title>rank {i + 1}: {v:.1f}%</title></circle>"
+        )
+    parts.append(
+        f"<text x='{left + pw / 2}' y='{height - 4}' font-size='12' text-anchor='middle'>rank</text>"
+    )
+    parts.append(
+        f"<text x='12' y='{top + ph / 2}' font-size='12' text-anchor='middle' "
+        f"transform='rotate(-90 12 {top + ph / 2})'>matching rate (%)</text>"
+    )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# --------------------------------------------------------------------------- ranking
+def _as_tensor(x, dtype=None) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return t.to(dtype) if dtype is not None else t
+
+
+def _masked_distances(
+    distmat: torch.Tensor,
+    q_pids: torch.Tensor,
+    g_pids: torch.Tensor,
+    q_camids: torch.Tensor,
+    g_camids: torch.Tensor,
+) -> torch.Tensor:
+    """Distances with the protocol's junk (same identity seen by the same camera) at +inf."""
+    junk = (q_pids[:, None] == g_pids[None]) & (q_camids[:, None] == g_camids[None])
+    return distmat.float().masked_fill(junk, float("inf"))
+
+
+def select_queries(
+    distmat,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    num: int,
+    failure_fraction: float = 0.5,
+    seed: int = 0,
+    chunk: int = 512,
+) -> tuple[list[int], list[bool]]:
+    """Pick ``num`` queries, about ``failure_fraction`` of them rank-1 failures.
+
+    Ranking follows the Market-1501 protocol (gallery images of the query's identity from
+    the query's camera are ignored); queries without any valid true match are skipped.
+    Returns (query indices, failure flags), failures first; if one group is short the
+    other fills in. Deterministic given ``seed``.
+    """
+    dist = _as_tensor(distmat)
+    qp, gp = _as_tensor(q_pids).long(), _as_tensor(g_pids).long()
+    qc, gc = _as_tensor(q_camids).long(), _as_tensor(g_camids).long()
+    fails, valid = [], []
+    for s in range(0, dist.shape[0], chunk):
+        sl = slice(s, s + chunk)
+        d = _masked_distances(dist[sl], qp[sl], gp, qc[sl], gc)
+        top1 = d.argmin(dim=1)
+        fails.append(gp[top1] != qp[sl])
+        has_match = ((qp[sl, None] == gp[None]) & (qc[sl, None] != gc[None])).any(dim=1)
+        valid.append(has_match)
+    fail = torch.cat(fails) if fails else torch.zeros(0, dtype=torch.bool)
+    ok = torch.cat(valid) if valid else torch.zeros(0, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(seed)
+    fail_idx = torch.nonzero(fail & ok).flatten()
+    succ_idx = torch.nonzero(~fail & ok).flatten()
+    fail_idx = fail_idx[torch.randperm(len(fail_idx), generator=gen)]
+    succ_idx = succ_idx[torch.randperm(len(succ_idx), generator=gen)]
+    n_fail = min(len(fail_idx), math.ceil(num * failure_fraction))
+    n_succ = min(len(succ_idx), num - n_fail)
+    n_fail = min(len(fail_idx), num - n_succ)
+    chosen = [int(i) for i in fail_idx[:n_fail]] + [int(i) for i in succ_idx[:n_succ]]
+    return chosen, [True] * n_fail + [False] * n_succ
+
+
+def ranked_gallery(
+    distmat, q_index: int, q_pids, g_pids, q_camids, g_camids, topk: int
+) -> list[int]:
+    """Indices of the ``topk`` nearest valid gallery images of query ``q_index``."""
+    dist = _as_tensor(distmat)[q_index : q_index + 1]
+    qp, gp = _as_tensor(q_pids).long(), _as_tensor(g_pids).long()
+    qc, gc = _as_tensor(q_camids).long(), _as_tensor(g_camids).long()
+    d = _masked_distances(dist, qp[q_index : q_index + 1], gp, qc[q_index : q_index + 1], gc)[0]
+    k = min(topk, int(torch.isfinite(d).sum()))
+    return [int(i) for i in torch.topk(d, k, largest=False).indices]
+
+
+# ---------------------------------------------------------------------------- render
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:18px;color:#222;background:#fff}
+h1{font-size:20px;margin:0 0 6px} h2{font-size:16px;margin:18px 0 8px}
+.summary{display:flex;gap:28px;align-items:flex-start;flex-wrap:wrap}
+table.metrics{border-collapse:collapse} table.metrics td,table.metrics th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+#controls{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #ddd;z-index:2}
+#controls button{margin-right:6px;padding:4px 10px;border:1px solid #888;background:#f4f4f4;border-radius:4px;cursor:pointer}
+#controls button.active{background:#2b6cb0;color:#fff;border-color:#2b6cb0}
+.row{display:flex;gap:6px;align-items:flex-start;padding:8px 0;border-bottom:1px solid #eee}
+.row .label{width:96px;font-size:12px;color:#555}
+.row.failure .label b{color:#c53030}
+.cell{display:flex;flex-direction:column;align-items:center;font-size:11px}
+.cell img{height:160px;width:auto;border:4px solid #bbb;image-rendering:auto}
+.cell.query img{border-color:#3182ce}
+.cell.match img{border-color:#1a9641}
+.cell.nonmatch img{border-color:#d7191c}
+.cell .cap{max-width:100px;text-align:center;line-height:1.25;margin-top:2px}
+.sep{width:10px}
+img.v{display:none} img.v.v-default{display:block}
+"""
+
+_JS = """
+(function () {
+  var views = JSON.parse(document.getElementById('report-views').textContent);
+  var bar = document.getElementById('view-buttons');
+  function show(key) {
+    var imgs = document.querySelectorAll('img.v');
+    for (var i = 0; i < imgs.length; i++) {
+      imgs[i].style.display = imgs[i].getAttribute('data-view') === key ? 'block' : 'none';
+    }
+    var buttons = bar.querySelectorAll('button');
+    for (var j = 0; j < buttons.length; j++) {
+      buttons[j].classList.toggle('active', buttons[j].getAttribute('data-view') === key);
+    }
+    document.body.setAttribute('data-view', key);
+  }
+  views.keys.forEach(function (key, i) {
+    var b = document.createElement('button');
+    b.type = 'button';
+    b.setAttribute('data-view', key);
+    b.textContent = views.labels[i];
+    b.addEventListener('click', function () { show(key); });
+    bar.appendChild(b);
+  });
+  var onlyFail = document.getElementById('only-failures');
+  onlyFail.addEventListener('change', function () {
+    var rows = document.querySelectorAll('.row');
+    for (var i = 0; i < rows.length; i++) {
+      rows[i].style.display = (onlyFail.checked && !rows[i].classList.contains('failure')) ? 'none' : '';
+    }
+  });
+  show(views.default);
+  document.body.setAttribute('data-ready', '1');
+})();
+"""
+
+
+def _img_html(img: ReportImage, view_keys: Sequence[str], default: str) -> str:
+    tags = []
+    for key in view_keys:
+        uri = img.views.get(key)
+        if uri is None:
+            raise ValueError(f"report image '{img.caption}' has no '{key}' view")
+        cls = "v v-default" if key == default else "v"
+        tags.append(
+            f"<img class='{cls}' data-view='{html.escape(key)}' src='{uri}' alt='{html.escape(key)}'>"
+        )
+    return (
+        f"<div class='cell {html.escape(img.kind)}'>"
+        + "".join(tags)
+        + f"<div class='cap'>{img.caption}</div></div>"
+    )
+
+
+def render_report_html(
+    rows: Sequence[ReportRow],
+    views: Sequence[tuple[str, str]],
+    metrics: dict[str, float],
+    cmc: Sequence[float],
+    title: str = "reidkit ranking report",
+    subtitle: str = "",
+    default_view: str | None = None,
+) -> str:
+    """The whole page as a string.
+
+    ``views`` is a list of ``(key, label)`` pairs (every image must carry every key);
+    ``metrics`` are shown as a table (values in [0, 1] are printed as %); ``cmc`` is the
+    CMC curve (fractions or %).
+    """
+    if not views:
+        raise ValueError("render_report_html: at least one view is needed")
+    keys = [k for k, _ in views]
+    default = default_view or (AGGREGATE_VIEW if AGGREGATE_VIEW in keys else keys[0])
+    metric_rows = "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{100 * v:.1f}%</td></tr>"
+        if 0 <= v <= 1
+        else f"<tr><th>{html.escape(name)}</th><td>{v:.4g}</td></tr>"
+        for name, v in metrics.items()
+    )
+    n_fail = sum(r.failure for r in rows)
+    body_rows = []
+    for row in rows:
+        cls = "row failure" if row.failure else "row success"
+        status = "<b>rank-1 miss</b>" if row.failure else "rank-1 hit"
+        cells = [_img_html(row.query, keys, default), "<div class='sep'></div>"]
+        cells += [_img_html(g, keys, default) for g in row.gallery]
+        body_rows.append(
+            f"<div class='{cls}'><div class='label'>{html.escape(row.title)}<br>{status}</div>{''.join(cells)}</div>"
+        )
+    view_json = json.dumps({"keys": keys, "labels": [lbl for _, lbl in views], "default": default})
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+        "<body data-ready='0'>"
+        f"<h1>{html.escape(title)}</h1><div class='sub'>{html.escape(subtitle)}</div>"
+        "<div class='summary'><div><h2>Metrics</h2>"
+        f"<table class='metrics'>{metric_rows}</table></div>"
+        f"<div><h2>CMC</h2>{cmc_svg(cmc)}</div></div>"
+        f"<h2>Ranking lists ({len(rows)} queries, {n_fail} rank-1 misses)</h2>"
+        "<div id='controls'>Overlay: <span id='view-buttons'></span> "
+        "<label><input type='checkbox' id='only-failures'> only rank-1 misses</label>"
+        " &nbsp;<small>border: <span style='color:#1a9641'>green</span> same identity, "
+        "<span style='color:#d7191c'>red</span> different; maps: ranking activation maps (Eq. 10)</small></div>"
+        f"<div id='rows'>{''.join(body_rows)}</div>"
+        f"<script type='application/json' id='report-views'>{view_json}</script>"
+        f"<script>{_JS}</script></body></html>"
+    )
+
+
+# ----------------------------------------------------------------------------- build
+def _to_uint8_images(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    """Undo the input normalisation: ``(B, 3, H, W)`` -> uint8 ``(B, H, W, 3)``."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    x = (images.detach().float().cpu() * s + m).clamp(0, 1)
+    return (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+@torch.no_grad()
+def build_ranking_report(
+    model: nn.Module,
+    load_images: Callable[[Sequence[int], Sequence[int]], tuple[torch.Tensor, torch.Tensor]],
+    distmat,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    metrics: dict[str, float],
+    cmc: Sequence[float],
+    out_path: str | Path,
+    num_queries: int = 12,
+    topk: int = 10,
+    failure_fraction: float = 0.5,
+    feature: str = "post_bn",
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    title: str = "reidkit ranking report",
+    subtitle: str = "",
+    alpha: float = 0.5,
+) -> Path:
+    """Write the HTML report for a trained model.
+
+    Args:
+        model: a model with ``forward_maps`` (CAMA: per-branch views) or a single-head
+            baseline (``backbone`` + BN/Linear head).
+        load_images: ``(query indices, gallery indices) -> (query images, gallery images)``,
+            normalised ``(n, 3, H, W)`` tensors as the test loader produces them.
+        distmat: ``(num_query, num_gallery)`` distances used for the ranking.
+        q_pids, g_pids, q_camids, g_camids: identities and cameras (evaluation protocol).
+        metrics, cmc: summary numbers and the CMC curve shown at the top.
+        out_path: the ``.html`` file to write (its folder is created).
+        num_queries, topk, failure_fraction, seed: which queries and how many results.
+        feature: ``post_bn`` or ``pre_bn`` maps (match the test feature).
+        mean, std: input normalisation, to show the images as the model saw them.
+
+    Returns:
+        The path written.
+    """
+    device = device if device is not None else next(model.parameters()).device
+    chosen, failures = select_queries(
+        distmat, q_pids, g_pids, q_camids, g_camids, num_queries, failure_fraction, seed
+    )
+    if not chosen:
+        raise ValueError("ranking report: no query has a valid true match in the gallery")
+    gp = _as_tensor(g_pids).long()
+    qp = _as_tensor(q_pids).long()
+    qc, gc = _as_tensor(q_camids).long(), _as_tensor(g_camids).long()
+    dist = _as_tensor(distmat)
+    n_test = int(getattr(model, "test_branches", getattr(model, "num_branches", 1)))
+    views: list[tuple[str, str]] | None = None
+    rows: list[ReportRow] = []
+    for qi, failed in zip(chosen, failures):
+        gal = ranked_gallery(dist, qi, qp, gp, qc, gc, topk)
+        q_img, g_img = load_images([qi], gal)
+        batch = torch.cat([q_img, g_img]).to(device)
+        fmaps = feature_maps(model, batch, feature=feature)  # (N, 1+k, d, h, w)
+        f_q = fmaps[:, 0].mean(dim=(-2, -1))  # (N, d)
+        branch_rams = ranking_activation_map(f_q, fmaps, normalize_query=True)  # (N, 1+k, h, w)
+        aggregate = branch_rams[:n_test].mean(dim=0, keepdim=True)
+        stack = torch.cat([aggregate, branch_rams]) if branch_rams.shape[0] > 1 else aggregate
+        up = (
+            F.interpolate(
+                stack.float(), size=batch.shape[-2:], mode="bilinear", align_corners=False
+            )
+            .cpu()
+            .numpy()
+        )
+        if views is None:
+            views = [(IMAGE_VIEW, "image"), (AGGREGATE_VIEW, "aggregate")]
+            if branch_rams.shape[0] > 1:
+                views += [
+                    (f"branch{i + 1}", f"branch {i + 1}") for i in range(branch_rams.shape[0])
+                ]
+        pixels = _to_uint8_images(batch, mean, std)
+        cells = []
+        for j in range(batch.shape[0]):
+            uris = {IMAGE_VIEW: to_data_uri(pixels[j])}
+            for v, (key, _) in enumerate(views[1:]):
+                uris[key] = to_data_uri(overlay_heatmap(pixels[j], up[v, j], alpha=alpha))
+            if j == 0:
+                cap = f"query<br>pid {int(qp[qi])} · cam {int(qc[qi])}"
+                cells.append(ReportImage(uris, cap, "query"))
+            else:
+                g = gal[j - 1]
+                match = bool(gp[g] == qp[qi])
+                cap = f"#{j} · pid {int(gp[g])} · cam {int(gc[g])}<br>d={float(dist[qi, g]):.3f}"
+                cells.append(ReportImage(uris, cap, "match" if match else "nonmatch"))
+        rows.append(ReportRow(f"query {qi}", cells[0], cells[1:], failed))
+    page = render_report_html(rows, views or [], metrics, cmc, title=title, subtitle=subtitle)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
