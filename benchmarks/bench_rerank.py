@@ -45,8 +45,8 @@ def _problem(nq: int, ng: int, dim: int = 256):
     num_ids = max(10, (nq + ng) // 16)
     qp = rng.integers(1, num_ids + 1, nq)
     gp = rng.integers(1, num_ids + 1, ng)
-    qf, centers = features_for(qp, dim, 1.3, seed=1)
-    gf, _ = features_for(gp, dim, 1.3, seed=2, centers=centers)
+    qf, centers = features_for(qp, dim, 1.9, seed=1)  # mAP ~ 75 % before re-ranking
+    gf, _ = features_for(gp, dim, 1.9, seed=2, centers=centers)
     return qf, gf, qp, gp
 
 
@@ -58,33 +58,38 @@ def _dists(qf, gf):
     )
 
 
-def _child(nq: int, ng: int, which: str, threads: int):
+def _child(nq: int, ng: int, which: str, threads: int, repeat: int = 1):
+    """(best time of ``repeat`` runs, peak RSS increase of the first, output)."""
     torch.set_num_threads(threads)
     qf, gf, qp, gp = _problem(nq, ng)
     if which == "features":
-        sec, mem, out = measure(lambda: re_ranking_features(qf, gf).numpy())
+        fn = lambda: re_ranking_features(qf, gf).numpy()  # noqa: E731
     else:
         qg, qq, gg = _dists(qf, gf)
-        fn = re_ranking if which == "fast" else naive_re_ranking
-        sec, mem, out = measure(lambda: fn(qg, qq, gg))
+        algo = re_ranking if which == "fast" else naive_re_ranking
+        fn = lambda: algo(qg, qq, gg)  # noqa: E731
+    sec, mem, out = measure(fn)
+    for _ in range(repeat - 1):
+        sec = min(sec, measure(fn)[0])
     return sec, mem, out
 
 
 def dense_sizes(sizes: list[tuple[int, int]], threads: int, skip_naive: bool) -> None:
     for nq, ng in sizes:
         print(f"{nq} x {ng} (k1=20, k2=6, lambda=0.3), torch threads {threads}")
-        t_fast, m_fast, out = isolated(_child, nq, ng, "fast", threads)
-        t_fast2, _, _ = isolated(_child, nq, ng, "fast", threads)
-        t_feat, m_feat, out_feat = isolated(_child, nq, ng, "features", threads)
+        t_fast, m_fast, out = isolated(_child, nq, ng, "fast", threads, 3)
+        t_feat, m_feat, out_feat = isolated(_child, nq, ng, "features", threads, 2)
         print(
-            f"  re_ranking (dense in):      {min(t_fast, t_fast2):7.2f} s, peak RSS +{m_fast:6.0f} MB"
+            f"  re_ranking (dense in):      {t_fast:7.2f} s, peak RSS +{m_fast:6.0f} MB (best of 3)"
         )
-        print(f"  re_ranking_features:        {t_feat:7.2f} s, peak RSS +{m_feat:6.0f} MB")
+        print(
+            f"  re_ranking_features:        {t_feat:7.2f} s, peak RSS +{m_feat:6.0f} MB (best of 2)"
+        )
         if not skip_naive:
             t_ref, m_ref, ref = isolated(_child, nq, ng, "naive", threads)
             print(f"  original algorithm (numpy): {t_ref:7.2f} s, peak RSS +{m_ref:6.0f} MB")
             print(
-                f"  speed-up {t_ref / min(t_fast, t_fast2):.1f}x (dense), {t_ref / t_feat:.1f}x (features);"
+                f"  speed-up {t_ref / t_fast:.1f}x (dense), {t_ref / t_feat:.1f}x (features);"
                 f" max |diff| {np.abs(out - ref).max():.1e} (dense), {np.abs(out_feat - ref).max():.1e} (features)"
             )
         qf, gf, qp, gp = _problem(nq, ng)
@@ -95,11 +100,11 @@ def dense_sizes(sizes: list[tuple[int, int]], threads: int, skip_naive: bool) ->
         )
 
 
-def _child_msmt(dim: int, threads: int):
+def _child_msmt(dim: int, threads: int, noise: float):
     torch.set_num_threads(threads)
     qp, qc, gp, gc = msmt_like_labels()
-    qf, centers = features_for(qp, dim, 1.3, seed=1)
-    gf, _ = features_for(gp, dim, 1.3, seed=2, centers=centers)
+    qf, centers = features_for(qp, dim, noise, seed=1)
+    gf, _ = features_for(gp, dim, noise, seed=2, centers=centers)
 
     def run():
         acc = RankAccumulator(gp, gc)
@@ -111,9 +116,11 @@ def _child_msmt(dim: int, threads: int):
     return sec, mem, res.mAP, res.cmc[0]
 
 
-def msmt(dim: int, threads: int) -> None:
-    print(f"MSMT17 size 11659 x 82161, {dim}-d features, sparse re-ranking + chunked evaluation")
-    sec, mem, m_ap, r1 = isolated(_child_msmt, dim, threads)
+def msmt(dim: int, threads: int, noise: float) -> None:
+    print(
+        f"MSMT17 size 11659 x 82161, {dim}-d features (noise {noise}), sparse re-ranking + chunked evaluation"
+    )
+    sec, mem, m_ap, r1 = isolated(_child_msmt, dim, threads, noise)
     print(
         f"  {sec:7.1f} s, peak RSS +{mem:6.0f} MB beyond the features; mAP {m_ap * 100:.2f}, R1 {r1 * 100:.2f}"
     )
@@ -131,12 +138,13 @@ def main() -> None:
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--msmt", action="store_true")
     ap.add_argument("--msmt-dim", type=int, default=128)
+    ap.add_argument("--msmt-noise", type=float, default=1.5, help="feature noise (difficulty)")
     args = ap.parse_args()
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes]
     if sizes:
         dense_sizes(sizes, args.threads, args.skip_naive)
     if args.msmt:
-        msmt(args.msmt_dim, args.threads)
+        msmt(args.msmt_dim, args.threads, args.msmt_noise)
 
 
 if __name__ == "__main__":

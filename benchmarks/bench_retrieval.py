@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument(
+        "--noise", type=float, default=0.8, help="feature noise (0.8: tight identity clusters)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="FAISS / torch threads")
     args = ap.parse_args()
     import faiss
@@ -51,8 +54,8 @@ def main() -> None:
     num_ids = max(10, args.gallery // 20)
     gp = rng.integers(1, num_ids + 1, args.gallery)
     qp = rng.integers(1, num_ids + 1, args.queries)
-    gf, centers = features_for(gp, args.dim, 1.3, seed=1)
-    qf, _ = features_for(qp, args.dim, 1.3, seed=2, centers=centers)
+    gf, centers = features_for(gp, args.dim, args.noise, seed=1)
+    qf, _ = features_for(qp, args.dim, args.noise, seed=2, centers=centers)
     gf, qf = gf.numpy(), qf.numpy()
     print(
         f"gallery {args.gallery} x {args.dim}-d, {args.queries} queries, k={args.k}, threads {args.threads}"

@@ -19,7 +19,13 @@ FAKE_METHOD = "_engine_fake"
 
 
 def write_market_folder(
-    root: Path, num_ids: int = 8, per_cam: int = 2, cams: int = 2, size=(32, 16), seed: int = 0
+    root: Path,
+    num_ids: int = 8,
+    per_cam: int = 2,
+    cams: int = 2,
+    size=(32, 16),
+    seed: int = 0,
+    noise: float = 12.0,
 ) -> Path:
     """A Market-1501-layout folder ``root/Market-1501-v15.09.15`` with ``num_ids`` train
     identities and ``num_ids`` other test identities; each identity has a distinct colour
@@ -35,7 +41,7 @@ def write_market_folder(
         colour = np.array([(pid * 53) % 256, (pid * 97) % 256, (pid * 151) % 256], dtype=np.float64)
         img = np.ones((h, w, 3)) * colour
         img[: h // 2] = 255 - colour  # two-tone "clothes"
-        img += rng.normal(0, 12, img.shape)
+        img += rng.normal(0, noise, img.shape)
         path = base / folder / f"{pid:04d}_c{cam + 1}s1_{counter:06d}_{k:02d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=95)

@@ -15,6 +15,8 @@ import pytest
 import torch
 from engine_fakes import FakeMethod, fake_config, write_market_folder
 
+from reidkit.data.datasets import build_dataset
+from reidkit.engine import evaluate_model
 from reidkit.engine.trainer import seed_everything
 
 TESTS = Path(__file__).resolve().parent
@@ -37,23 +39,29 @@ WORKER = textwrap.dedent(
     base._METHODS["_engine_fake"] = lambda cfg, n: built.append(real(cfg, n)) or built[-1]
 
     rank = int(os.environ["RANK"])
-    torch.distributed.init_process_group("gloo")  # train() reuses an existing group
+    # 1. a gather of variable-length tensors across ranks, in a group of our own
+    # (a file store: re-creating a group on torchrun's store after destroying one is flaky)
+    world = int(os.environ["WORLD_SIZE"])
+    init = "file://" + {out!r} + "/gather_store"
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    x = torch.full((rank + 2, 3), float(rank))
+    torch.save(du.all_gather_variable(x), {out!r} + f"/gather{{rank}}.pt")
+    du.barrier()  # nobody tears the group down while a peer still talks to it
+    torch.distributed.destroy_process_group()
+
+    # 2. training: train() initialises (and at the end destroys) the group from torchrun's env
     cfg = fake_config({data!r}, {out!r}, **{{"solver.max_epochs": 2, "test.eval_period": 1}})
     train(cfg, progress=False)
+    assert not torch.distributed.is_initialized()
     torch.save({{k: v.clone() for k, v in built[0].state_dict().items()}}, {out!r} + f"/rank{{rank}}.pt")
-
-    # a gather of variable-length tensors across ranks
-    x = torch.full((rank + 2, 3), float(rank))
-    g = du.all_gather_variable(x)
-    torch.save(g, {out!r} + f"/gather{{rank}}.pt")
-    torch.distributed.destroy_process_group()
     """
 )
 
 
 @pytest.mark.timeout(180)
 def test_two_process_gloo_training(tmp_path):
-    data = write_market_folder(tmp_path / "data")
+    # 9 query / 27 gallery images: the two ranks extract shards of different sizes
+    data = write_market_folder(tmp_path / "data", num_ids=9, noise=120.0)
     out = tmp_path / "run"
     out.mkdir()
     script = tmp_path / "worker.py"
@@ -76,7 +84,7 @@ def test_two_process_gloo_training(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         pytest.fail("2-process training timed out:\n" + stdout[-2000:] + stderr[-2000:])
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-12000:]
     assert (out / "metrics.json").is_file() and (out / "checkpoints" / "last.pt").is_file()
     import json
 
@@ -87,13 +95,19 @@ def test_two_process_gloo_training(tmp_path):
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["global_step"] == 2 * 4  # the global batch is split, not the epoch
     seed_everything(0)  # the trainer's initialisation
-    init = FakeMethod(fake_config(data, out), 8)
+    init = FakeMethod(fake_config(data, out), 9)
     for name, _ in init.named_parameters():  # (BN running stats are per rank without SyncBN)
         torch.testing.assert_close(
             a[name], b[name], atol=1e-6, rtol=0, msg=f"{name} differs across ranks"
         )
         torch.testing.assert_close(a[name], ckpt["model"][name])
     assert not torch.allclose(a["classifier.weight"], init.classifier.weight.detach())
+    # the sharded, gathered evaluation equals a single-process one of the saved model
+    model = FakeMethod(fake_config(data, out), 9)
+    model.load_state_dict(ckpt["model"])
+    single = evaluate_model(fake_config(data, out), model, build_dataset("market1501", data), "cpu")
+    assert 0 < single.metrics["mAP"] < 1
+    assert metrics["final"]["mAP"] == pytest.approx(single.metrics["mAP"], abs=1e-6)
     # the variable-length gather: rank 0 has 2 rows of 0, rank 1 has 3 rows of 1
     for r in (0, 1):
         g = torch.load(out / f"gather{r}.pt", weights_only=True)

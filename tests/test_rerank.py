@@ -103,6 +103,7 @@ def test_features_version_equals_dense(metric, monkeypatch):
     np.testing.assert_allclose(sparse.numpy(), dense, atol=1e-5)
     # small chunks and a tiny pair budget exercise every chunked loop
     monkeypatch.setattr(rr, "_PAIR_BUDGET", 97)
+    monkeypatch.setattr(rr, "_BITMAP_MAX", 0)  # binary-search membership path
     small = re_ranking_features(qf, gf, 20, 6, 0.3, metric=metric, chunk_size=7)
     np.testing.assert_allclose(small.numpy(), dense, atol=1e-5)
     dense_small = re_ranking(qg, qq, gg, 20, 6, 0.3)

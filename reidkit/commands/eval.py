@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
         hint = " (a folder; pass e.g. checkpoints/best.pt inside it)" if weights.is_dir() else ""
         raise FileNotFoundError(f"--weights: file not found: {weights}{hint}")
     info, device = dist_utils.init_from_env(cfg.device)
+    ok = False
     try:
         dataset = dataset_from_config(cfg.data)
         model = load_model(cfg, weights, num_classes=args.num_classes, device=device)
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_model(
             cfg, model, dataset, device, rerank=args.rerank or None, progress=info.is_main
         )
+        ok = True
         if result is None:  # rank > 0 under torchrun
             return 0
         title = f"{dataset.name} {'re-ranked' if result.rerank else ''}".strip()
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result.metrics, indent=2))
     finally:
-        dist_utils.cleanup(info)
+        dist_utils.cleanup(info, sync=ok)
     return 0
 
 

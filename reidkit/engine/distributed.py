@@ -24,6 +24,7 @@ __all__ = [
     "barrier",
     "all_gather_variable",
     "shard_bounds",
+    "broadcast_buffers",
     "cleanup",
 ]
 
@@ -142,6 +143,20 @@ def all_gather_variable(tensor: torch.Tensor) -> torch.Tensor:
     return out.to(tensor.device)
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy ``module``'s buffers (e.g. BatchNorm running statistics) from rank ``src`` to
+    all ranks, so every rank evaluates the same model as the one rank ``src`` saves."""
+    if not _active() or get_world_size() == 1:
+        return
+    for buf in module.buffers():
+        if dist.get_backend() == "nccl" or buf.device.type == "cpu":
+            dist.broadcast(buf, src)
+        else:  # gloo with accelerator tensors
+            tmp = buf.detach().cpu()
+            dist.broadcast(tmp, src)
+            buf.copy_(tmp)
+
+
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """Contiguous ``[start, end)`` of ``n`` items owned by ``rank`` (sizes differ by <= 1),
     so concatenating the shards in rank order restores the original order."""
@@ -150,7 +165,14 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def cleanup(info: DistInfo) -> None:
-    """Destroy the process group if :func:`init_from_env` created it."""
+def cleanup(info: DistInfo, sync: bool = True) -> None:
+    """Destroy the process group if :func:`init_from_env` created it.
+
+    ``sync``: wait for every rank first (gloo aborts a process whose group is torn down
+    while a peer still talks to it); pass ``False`` on error paths, where the other ranks
+    may never arrive.
+    """
     if info.initialized_here and _active():
+        if sync:
+            barrier()
         dist.destroy_process_group()

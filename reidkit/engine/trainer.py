@@ -153,9 +153,12 @@ def train(
     """
     info, device = dist_utils.init_from_env(cfg.device)
     try:
-        return _train(cfg, info, device, resume, overwrite, stop_after_epochs, progress)
-    finally:
-        dist_utils.cleanup(info)
+        out = _train(cfg, info, device, resume, overwrite, stop_after_epochs, progress)
+    except BaseException:
+        dist_utils.cleanup(info, sync=False)
+        raise
+    dist_utils.cleanup(info)
+    return out
 
 
 def _train(
@@ -459,6 +462,8 @@ def _train(
         # ------------------------------------------------------------ evaluation
         is_last = epoch == T - 1
         if (epoch + 1) % cfg.test.eval_period == 0 or is_last:
+            if info.distributed:  # BN running stats differ per rank without SyncBN
+                dist_utils.broadcast_buffers(core)
             devices = [device.index or 0] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):  # evaluation leaves RNG untouched
                 result = evaluate_model(cfg, core, dataset, device, progress=progress and main)

@@ -33,11 +33,7 @@ def plot_cmc(
         The matplotlib ``Figure``. Legend labels include R1 and mAP.
     """
     try:
-        import matplotlib
-
-        if ax is None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("plot_cmc needs matplotlib: pip install 'reidkit[plot]'") from exc
     if isinstance(results, EvalResult):
@@ -50,8 +46,9 @@ def plot_cmc(
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         n = min(n, max_rank)
     scale = 100.0 if percent else 1.0
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5, 4))
+    if ax is None:  # a bare Figure: no pyplot state, works headless
+        fig = Figure(figsize=(5, 4))
+        ax = fig.add_subplot()
     else:
         fig = ax.figure
     ranks = list(range(1, n + 1))

@@ -411,9 +411,20 @@ class RankAccumulator:
         if (q_camids is None) != (self.gc is None):
             _check_camids(q_camids, self.gc)
         qc = None if q_camids is None else _labels(q_camids, "q_camids", dist.shape[0], self.device)
-        self._parts.append(
-            _chunk_stats(dist, qp, self.gp, qc, self.gc, self.g_ignore, self.ap_mode)
-        )
+        step = _chunk_rows(dist.shape[1], None)
+        for s in range(0, dist.shape[0], step):  # cache-sized pieces
+            piece = slice(s, s + step)
+            self._parts.append(
+                _chunk_stats(
+                    dist[piece],
+                    qp[piece],
+                    self.gp,
+                    None if qc is None else qc[piece],
+                    self.gc,
+                    self.g_ignore,
+                    self.ap_mode,
+                )
+            )
         self._seen += dist.shape[0]
 
     def result(self) -> EvalResult:
@@ -533,8 +544,8 @@ def evaluate_features(
     """Like :func:`evaluate_rank`, from features, never holding the full ``Q x G`` matrix.
 
     Distances are computed for ``chunk_size`` queries at a time and evaluated at once, so
-    the extra memory is ``O(chunk_size * G)`` (about 100 MB per chunk by default) on top
-    of the features.
+    the extra memory is ``O(chunk_size * G)`` (a few hundred MB by default) on top of
+    the features.
 
     Args:
         qf: ``(Q, D)`` query features.
@@ -543,7 +554,7 @@ def evaluate_features(
             :func:`evaluate_rank`.
         metric: ``"cosine"`` (``1 - cos``), ``"euclidean"`` (true, not squared) or
             ``"sqeuclidean"``; the ranking of the last two is identical.
-        chunk_size: queries per chunk (default: about 4M distances per chunk).
+        chunk_size: queries per distance block (default: about 16M distances).
         device: where to compute (default: ``qf``'s device).
         rerank: apply k-reciprocal re-ranking first (sparse, from features:
             :func:`~reidkit.metrics.iter_re_ranking_features` with ``metric`` as the
@@ -568,7 +579,10 @@ def evaluate_features(
     acc = RankAccumulator(
         gp, g_camids if has_cam else None, max_rank, ap_mode, ignore_gallery_pids, dev
     )
-    step = _chunk_rows(g.shape[0], chunk_size)
+    # distance blocks 4x larger than the evaluation pieces: better matrix products
+    step = chunk_size or max(1, 4 * _CHUNK_ELEMENTS // max(g.shape[0], 1))
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if rerank:
         from .rerank import iter_re_ranking_features
 

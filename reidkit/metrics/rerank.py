@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 _PAIR_BUDGET = 1 << 23  # pairs processed at once in the sparse steps
+_BITMAP_MAX = 1 << 28  # largest (Q+G)^2 for a membership bitmap (256 MB)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -123,18 +124,31 @@ def _expansion_sets(rank: torch.Tensor, k1: int) -> tuple[torch.Tensor, torch.Te
     size_h = recip_h.sum(1).double()  # |R'(c)|
     rows_all = torch.arange(n, device=dev)
     # R(i) as sorted keys i * n + j, for membership tests by binary search
-    rkey = torch.sort((rows_all[:, None] * n + f)[recip]).values
+    rkey = (rows_all[:, None] * n + f)[recip]
+    # membership "j in R(i)" for keys i * n + j: a bitmap when (Q+G)^2 bytes are cheap,
+    # else a binary search in the sorted keys
+    bitmap = None
+    if n * n <= _BITMAP_MAX:
+        bitmap = torch.zeros(n * n, dtype=torch.bool, device=dev)
+        bitmap[rkey] = True
+    else:
+        rkey = torch.sort(rkey).values
     keys = []
     chunk = max(1, _PAIR_BUDGET // ((k1 + 1) * (kh + 1) * 4))
     for s in range(0, n, chunk):
         fi, ri = f[s : s + chunk], recip[s : s + chunk]  # candidates c = F[i, t] where ri
         rows = rows_all[s : s + fi.shape[0]]
-        c_nbr = fh[fi]  # (c, k1+1, kh+1): the neighbours of each candidate
-        c_ok = recip_h[fi]  # which of them are in R'(c)
-        q = rows[:, None, None] * n + c_nbr
-        pos = torch.searchsorted(rkey, q).clamp_max(rkey.shape[0] - 1)
-        inter = ((rkey[pos] == q) & c_ok).sum(-1)  # |R'(c) & R(i)|
-        accepted = ri & (inter.double() > (2.0 / 3.0) * size_h[fi])
+        flat = fi.reshape(-1)
+        c_nbr = fh.index_select(0, flat).view(*fi.shape, kh + 1)  # neighbours of each c
+        c_ok = recip_h.index_select(0, flat).view(*fi.shape, kh + 1)  # ... in R'(c)
+        q = c_nbr.add_((rows * n)[:, None, None])
+        if bitmap is not None:
+            member = bitmap.index_select(0, q.view(-1)).view(q.shape)
+        else:
+            pos = torch.searchsorted(rkey, q).clamp_max(rkey.shape[0] - 1)
+            member = rkey.index_select(0, pos.view(-1)).view(q.shape) == q
+        inter = (member & c_ok).sum(-1)  # |R'(c) & R(i)|
+        accepted = ri & (inter.double() > (2.0 / 3.0) * size_h.index_select(0, flat).view(fi.shape))
         k_rec = (rows[:, None] * n + fi)[ri]
         k_add = q[accepted[..., None] & c_ok]
         keys.append(torch.cat([k_rec, k_add]))
@@ -157,8 +171,9 @@ def _segment_expand(
     seg = torch.repeat_interleave(
         torch.arange(counts.shape[0], device=counts.device), counts, output_size=total
     )
-    first = counts.cumsum(0) - counts
-    pos = starts[seg] + torch.arange(total, device=counts.device) - first[seg]
+    # pos = starts[seg] + (arange - first[seg]); index_select is much faster than x[idx]
+    offset = starts - (counts.cumsum(0) - counts)
+    pos = torch.arange(total, device=counts.device).add_(offset.index_select(0, seg))
     return seg, pos
 
 
@@ -232,9 +247,12 @@ def _jaccard_blocks(
         # split the query entries so each piece visits about _PAIR_BUDGET pairs
         edges = _budget_edges(ccount[qc].cumsum(0), _PAIR_BUDGET)
         for a, b in zip(edges[:-1], edges[1:]):
-            seg, pos = _segment_expand(ccount[qc[a:b]], cstart[qc[a:b]])
-            mins = torch.minimum(qv[a:b][seg], gv[pos])
-            temp.index_add_(0, (qr[a:b][seg] - s) * num_gallery + gr[pos], mins)
+            cols_ab = qc[a:b]
+            seg, pos = _segment_expand(ccount.index_select(0, cols_ab), cstart.index_select(0, cols_ab))
+            mins = torch.minimum(qv[a:b].index_select(0, seg), gv.index_select(0, pos))
+            base = (qr[a:b] - s).mul_(num_gallery)
+            target = base.index_select(0, seg).add_(gr.index_select(0, pos))
+            temp.index_add_(0, target, mins)
         temp = temp.view(e - s, num_gallery)
         yield s, temp.neg_().add_(2.0).reciprocal_().mul_(-2.0).add_(2.0)  # 1 - t/(2-t)
 
