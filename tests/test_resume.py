@@ -29,13 +29,15 @@ def _params(run: Path) -> dict[str, torch.Tensor]:
     "extra",
     [
         {},
-        # classifier-only warm phase + center loss with its own optimiser + per-iter schedule
+        # classifier-only warm phase + center loss with its own optimiser + per-iter cosine
+        # schedule + gradient clipping
         {
             "solver.classifier_warm_epochs": 1,
             "solver.max_epochs": 3,
             "loss.center_weight": 0.01,
             "solver.schedule_per_iter": True,
             "solver.scheduler": "cosine",
+            "solver.grad_clip": 1.0,
         },
     ],
 )
