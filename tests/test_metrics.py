@@ -87,6 +87,8 @@ def test_max_rank_beyond_kept_gallery_is_well_defined():
     assert r.cmc.shape == (10,)
     np.testing.assert_allclose(r.cmc, [0] + [1] * 9)
     assert r.rank(10) == 1.0
+    huge = evaluate_rank(d, [1], [1, 1, 2], [0], [0, 1, 1], max_rank=100_000)
+    assert huge.cmc.shape == (100_000,) and huge.cmc[0] == 0.0 and huge.cmc[1:].min() == 1.0
 
 
 def test_queries_without_matches_are_skipped():
@@ -370,3 +372,14 @@ def test_float64_values_that_collide_in_float32_keep_their_exact_order():
     r = evaluate_rank(d, qp, gp)
     # ranking: g1 (1.0, match), g3 (1.0), g0 (1+1e-12), g2 (1+2e-12, match)
     assert r.mAP == pytest.approx((1 / 1 + 2 / 4) / 2) == pytest.approx(expected[1])
+
+
+def test_non_contiguous_and_half_inputs():
+    rng = np.random.default_rng(9)
+    d = torch.rand(40, 12, dtype=torch.float64)
+    qp, gp = rng.integers(0, 4, 12), rng.integers(0, 4, 40)
+    expected = ref.naive_eval(d.T.numpy(), qp, gp)
+    r = evaluate_rank(d.T, qp, gp)  # a transposed view
+    assert r.mAP == pytest.approx(expected[1], abs=1e-12)
+    h = evaluate_rank(d.T.half(), qp, gp)  # half precision is evaluated in float32
+    assert 0.0 < h.mAP <= 1.0

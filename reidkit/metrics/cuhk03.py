@@ -22,7 +22,14 @@ import numpy as np
 import torch
 
 from .distance import as_tensor
-from .rank import _CHUNK_ELEMENTS, EvalResult, _check_camids, _labels, evaluate_rank
+from .rank import (
+    _CHUNK_ELEMENTS,
+    EvalResult,
+    _check_camids,
+    _cmc_from_first_hits,
+    _labels,
+    evaluate_rank,
+)
 
 __all__ = ["evaluate_cuhk03_classic", "single_shot_ranks"]
 
@@ -112,7 +119,7 @@ def evaluate_cuhk03_classic(
     gc = _labels(g_camids, "g_camids", ng, dev) if has_cam else None
     gen = torch.Generator().manual_seed(int(seed))
     step = max(1, _CHUNK_ELEMENTS // ng)
-    hist = torch.zeros(max_rank + 1, dtype=torch.float64, device=dev)
+    firsts = []
     for _ in range(num_repeats):
         for s in range(0, nq, step):
             d = dist[s : s + step]
@@ -120,10 +127,8 @@ def evaluate_cuhk03_classic(
             ranks, valid = single_shot_ranks(
                 d, qp[s : s + step], gp, None if qc is None else qc[s : s + step], gc, rand
             )
-            hist += torch.bincount(
-                ranks[valid].clamp_max(max_rank), minlength=max_rank + 1
-            ).double()
-    cmc = hist[:max_rank].cumsum(0) / (num_repeats * full.num_valid)
+            firsts.append(ranks[valid])
+    cmc = _cmc_from_first_hits(torch.cat(firsts), max_rank, ng, num_repeats * full.num_valid)
     full.cmc = cmc.cpu().numpy()
     full.extra = {"protocol": "cuhk03_classic", "num_repeats": int(num_repeats), "seed": int(seed)}
     return full

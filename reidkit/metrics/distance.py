@@ -13,7 +13,7 @@ on the device of ``gf``. Half / bfloat16 inputs are computed in float32.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,7 +24,9 @@ Metric = Literal["euclidean", "sqeuclidean", "cosine"]
 METRICS: tuple[str, ...] = ("euclidean", "sqeuclidean", "cosine")
 
 
-def as_tensor(x: np.ndarray | torch.Tensor, name: str, device: torch.device | None = None):
+def as_tensor(
+    x: np.ndarray | torch.Tensor | Any, name: str, device: torch.device | None = None
+) -> torch.Tensor:
     """Convert ``x`` (numpy array, torch tensor or sequence) to a torch tensor.
 
     Args:

@@ -322,6 +322,7 @@ def _chunk_stats(
     ap_mode: str,
 ) -> dict[str, torch.Tensor]:
     """Per-query statistics of one chunk: valid, AP, INP, first-hit rank (all ``(n,)``)."""
+    dist = dist.contiguous()  # e.g. a transposed input: binary searches need rows
     n = dist.shape[0]
     dev = dist.device
     same_pid = qp[:, None] == gp[None, :]
@@ -441,8 +442,7 @@ class RankAccumulator:
                 "overlap and that camids are right"
             )
         first = cat["first"][valid]
-        hist = torch.bincount(first.clamp_max(self.max_rank), minlength=self.max_rank + 1)
-        cmc = hist[: self.max_rank].cumsum(0).double() / num_valid
+        cmc = _cmc_from_first_hits(first, self.max_rank, self.gp.shape[0], num_valid)
         all_ap = cat["ap"][valid]
         all_inp = cat["inp"][valid]
         return EvalResult(
@@ -456,6 +456,22 @@ class RankAccumulator:
             first_hit=first.cpu().numpy(),
             ap_mode=self.ap_mode,
         )
+
+
+def _cmc_from_first_hits(
+    first: torch.Tensor, max_rank: int, num_gallery: int, denom: float
+) -> torch.Tensor:
+    """``(max_rank,)`` float64 CMC from 0-based first-hit ranks (``< num_gallery``).
+
+    Ranks at or beyond the gallery size are all reached, so the curve is computed up to
+    ``min(max_rank, num_gallery)`` and extended with its last value.
+    """
+    eff = min(max_rank, num_gallery)
+    hist = torch.bincount(first.clamp_max(eff), minlength=eff + 1)
+    cmc = hist[:eff].cumsum(0).double() / denom
+    if eff < max_rank:
+        cmc = torch.cat([cmc, cmc[-1:].expand(max_rank - eff)])
+    return cmc
 
 
 def _chunk_rows(num_gallery: int, chunk_size: int | None) -> int:

@@ -248,7 +248,9 @@ def _jaccard_blocks(
         edges = _budget_edges(ccount[qc].cumsum(0), _PAIR_BUDGET)
         for a, b in zip(edges[:-1], edges[1:]):
             cols_ab = qc[a:b]
-            seg, pos = _segment_expand(ccount.index_select(0, cols_ab), cstart.index_select(0, cols_ab))
+            seg, pos = _segment_expand(
+                ccount.index_select(0, cols_ab), cstart.index_select(0, cols_ab)
+            )
             mins = torch.minimum(qv[a:b].index_select(0, seg), gv.index_select(0, pos))
             base = (qr[a:b] - s).mul_(num_gallery)
             target = base.index_select(0, seg).add_(gr.index_select(0, pos))
