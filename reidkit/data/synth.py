@@ -63,6 +63,8 @@ __all__ = [
     "render_sample",
     "Camera",
     "Tracklet",
+    "CUE_KEYS",
+    "FAMILY_VARYING_CUES",
 ]
 
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
