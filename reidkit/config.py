@@ -119,6 +119,7 @@ class LossConfig(_Section):
     metric_weight: float = Field(1.0, ge=0)
     triplet_margin: float = Field(0.3, ge=0)
     triplet_feature: Literal["pre_bn", "post_bn"] = "pre_bn"
+    wrt_include_self: bool = True  # WRT positives include the anchor, as in the AGW code
     center_weight: float = Field(0.0, ge=0)  # 5e-4 in BoT's "with center" variant
     center_lr: float = Field(0.5, gt=0)
     focal_gamma: float | None = None  # focal loss in place of CE when set

@@ -70,21 +70,24 @@ def evaluate_feature_sets(
     from reidkit.metrics.rank import evaluate_features, evaluate_rank
     from reidkit.metrics.rerank import re_ranking_features
 
+    q_camids, g_camids = query.camids, gallery.camids
+    if bool((q_camids < 0).all()) and bool((g_camids < 0).all()):
+        # No camera ids (e.g. a custom dataset without them): filtering "same pid and same
+        # camera" would drop every true match, so evaluate without camera filtering.
+        q_camids = g_camids = None
     if rerank:
         distmat = re_ranking_features(
             query.feats, gallery.feats, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric
         )
-        raw = evaluate_rank(
-            distmat, query.pids, gallery.pids, query.camids, gallery.camids, max_rank=max_rank
-        )
+        raw = evaluate_rank(distmat, query.pids, gallery.pids, q_camids, g_camids, max_rank=max_rank)
     else:
         raw = evaluate_features(
             query.feats,
             gallery.feats,
             query.pids,
             gallery.pids,
-            query.camids,
-            gallery.camids,
+            q_camids,
+            g_camids,
             metric=metric,
             max_rank=max_rank,
         )
@@ -159,7 +162,7 @@ def evaluate_model(
     gallery = extract_records(cfg, model, dataset.gallery, device, progress)
     if dist_utils.get_rank() != 0:
         return None
-    return evaluate_feature_sets(
+    result = evaluate_feature_sets(
         query,
         gallery,
         metric=cfg.test.metric,
@@ -169,3 +172,19 @@ def evaluate_model(
         k2=cfg.test.rerank_k2,
         lambda_value=cfg.test.rerank_lambda,
     )
+    if int(getattr(model, "num_branches", 1)) > 1 and hasattr(model, "forward_maps"):
+        result.metrics["branch_overlap"] = _branch_overlap(cfg, model, dataset.query, device)
+    return result
+
+
+def _branch_overlap(cfg: Config, model: nn.Module, records: list[ImageRecord], device) -> float:
+    """Mean top-k CAM IoU between branches on (up to 4 batches of) the query set, printed so
+    a multi-branch run shows whether its branches look at different regions (CAMA's OAP)."""
+    from reidkit.data.loader import build_test_loader
+    from reidkit.viz.overlap import branch_overlap_matrix, format_branch_overlap
+
+    mat = branch_overlap_matrix(model, build_test_loader(cfg, records), max_batches=4, device=device)
+    print(format_branch_overlap(mat, getattr(model, "oap_k", None)))
+    n = mat.shape[0]
+    iu = torch.triu_indices(n, n, offset=1)
+    return float(mat[iu[0], iu[1]].mean())

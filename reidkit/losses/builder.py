@@ -59,7 +59,7 @@ def build_metric_loss(loss_cfg: Any) -> nn.Module:
     if metric == "soft_triplet":
         return TripletLoss(soft=True)
     if metric == "wrt":
-        return WeightedRegularizedTripletLoss()
+        return WeightedRegularizedTripletLoss(include_self_positive=loss_cfg.wrt_include_self)
     if metric == "circle":
         return CircleLoss(m=loss_cfg.circle_m, gamma=loss_cfg.circle_gamma)
     raise ValueError(

@@ -110,7 +110,7 @@ def weighted_regularized_triplet(
     feats: torch.Tensor,
     pids: torch.Tensor,
     normalize: bool = False,
-    include_self_positive: bool = False,
+    include_self_positive: bool = True,
 ) -> torch.Tensor:
     """Weighted regularised triplet (WRT, AGW).
 
@@ -125,7 +125,8 @@ def weighted_regularized_triplet(
         feats: ``(B, D)``; pids: ``(B,)``.
         normalize: L2-normalise features first.
         include_self_positive: count the anchor (distance 0) among its positives, as the
-            AGW public code does (it only dilutes the positive weights); default off.
+            AGW public code does (its positive mask keeps the diagonal, which dilutes the
+            positive weights); default on, for parity with the published numbers.
 
     Returns:
         Scalar.
@@ -163,7 +164,7 @@ class TripletLoss(nn.Module):
 class WeightedRegularizedTripletLoss(nn.Module):
     """WRT module: ``(feats (B, D), pids (B,)) -> scalar``."""
 
-    def __init__(self, normalize: bool = False, include_self_positive: bool = False) -> None:
+    def __init__(self, normalize: bool = False, include_self_positive: bool = True) -> None:
         super().__init__()
         self.normalize = normalize
         self.include_self_positive = include_self_positive
