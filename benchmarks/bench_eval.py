@@ -17,7 +17,6 @@ do); the naive loop runs on a subset of queries and is extrapolated.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -30,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _reference import naive_eval  # noqa: E402
 from _synthetic import (  # noqa: E402
-    features_for,
+    benchmark_parser,
     isolated,
     market_like_labels,
     measure,
     msmt_like_labels,
+    query_gallery_features,
     timeit,
 )
 
@@ -49,8 +49,7 @@ def _market_problem(case: str):
     if noise is None:
         dist = torch.rand(len(qp), len(gp), generator=torch.Generator().manual_seed(0))
     else:
-        qf, centers = features_for(qp, 128, noise, seed=1)
-        gf, _ = features_for(gp, 128, noise, seed=2, centers=centers)
+        qf, gf = query_gallery_features(qp, gp, 128, noise)
         dist = compute_distance(qf, gf, "euclidean")
     return dist, qp, qc, gp, gc
 
@@ -97,8 +96,7 @@ def market(naive_queries: int | None, threads: int) -> None:
 def _msmt_features(dim: int):
     qp, qc, gp, gc = msmt_like_labels()
     noise = 3.5 if dim >= 1024 else 1.3  # a non-trivial regime (mAP well below 100 %)
-    qf, centers = features_for(qp, dim, noise, seed=1)
-    gf, _ = features_for(gp, dim, noise, seed=2, centers=centers)
+    qf, gf = query_gallery_features(qp, gp, dim, noise)
     return qf, gf, qp, qc, gp, gc
 
 
@@ -144,9 +142,7 @@ def msmt(dim: int, threads: int, skip_full: bool = False) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument(
         "--naive-queries",

@@ -17,7 +17,6 @@ beyond the features).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,7 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _reference import naive_re_ranking  # noqa: E402
-from _synthetic import features_for, isolated, measure, msmt_like_labels  # noqa: E402
+from _synthetic import (  # noqa: E402
+    benchmark_parser,
+    isolated,
+    measure,
+    msmt_like_labels,
+    query_gallery_features,
+)
 
 from reidkit.metrics import (  # noqa: E402
     RankAccumulator,
@@ -45,8 +50,7 @@ def _problem(nq: int, ng: int, dim: int = 256):
     num_ids = max(10, (nq + ng) // 16)
     qp = rng.integers(1, num_ids + 1, nq)
     gp = rng.integers(1, num_ids + 1, ng)
-    qf, centers = features_for(qp, dim, 1.9, seed=1)  # mAP ~ 75 % before re-ranking
-    gf, _ = features_for(gp, dim, 1.9, seed=2, centers=centers)
+    qf, gf = query_gallery_features(qp, gp, dim, 1.9)  # mAP ~ 75 % before re-ranking
     return qf, gf, qp, gp
 
 
@@ -68,10 +72,7 @@ def _child(nq: int, ng: int, which: str, threads: int, repeat: int = 1):
         qg, qq, gg = _dists(qf, gf)
         algo = re_ranking if which == "fast" else naive_re_ranking
         fn = lambda: algo(qg, qq, gg)  # noqa: E731
-    sec, mem, out = measure(fn)
-    for _ in range(repeat - 1):
-        sec = min(sec, measure(fn)[0])
-    return sec, mem, out
+    return measure(fn, repeat)
 
 
 def dense_sizes(sizes: list[tuple[int, int]], threads: int, skip_naive: bool) -> None:
@@ -103,8 +104,7 @@ def dense_sizes(sizes: list[tuple[int, int]], threads: int, skip_naive: bool) ->
 def _child_msmt(dim: int, threads: int, noise: float):
     torch.set_num_threads(threads)
     qp, qc, gp, gc = msmt_like_labels()
-    qf, centers = features_for(qp, dim, noise, seed=1)
-    gf, _ = features_for(gp, dim, noise, seed=2, centers=centers)
+    qf, gf = query_gallery_features(qp, gp, dim, noise)
 
     def run():
         acc = RankAccumulator(gp, gc)
@@ -130,9 +130,7 @@ def msmt(dim: int, threads: int, noise: float) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--sizes", nargs="*", default=["1000x4000"], help="QxG sizes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-naive", action="store_true")

@@ -10,7 +10,6 @@ approximate index. Also checks that the flat index equals torch brute force.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _synthetic import features_for  # noqa: E402
+from _synthetic import benchmark_parser, features_for  # noqa: E402
 
 from reidkit.retrieval import GalleryIndex  # noqa: E402
 
@@ -34,9 +33,7 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--gallery", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=256)

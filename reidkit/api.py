@@ -28,7 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reidkit.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
+from reidkit.config import (
+    Config,
+    ConfigError,
+    _field_annotation,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -49,14 +56,7 @@ def _is_section(dotted: list[str]) -> bool:
     """True when ``dotted`` names a pydantic section of :class:`Config` (``model.cge``)."""
     from pydantic import BaseModel
 
-    model: Any = Config
-    for part in dotted:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return False
-        field = model.model_fields.get(part)
-        if field is None:
-            return False
-        model = field.annotation
+    model: Any = _field_annotation(dotted) if dotted else Config
     return isinstance(model, type) and issubclass(model, BaseModel)
 
 

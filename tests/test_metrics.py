@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bench_reference import ref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,12 +25,6 @@ from reidkit.metrics import (
 )
 
 torch.set_num_threads(1)
-
-_spec = importlib.util.spec_from_file_location(
-    "reidkit_bench_reference", Path(__file__).parents[1] / "benchmarks" / "_reference.py"
-)
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
 
 
 # ------------------------------------------------------------------ hand-worked cases
@@ -157,31 +150,14 @@ def test_matches_naive_reference(
     expected = _naive_or_none(
         dist, qp, gp, *cams, max_rank=max_rank, ap_mode=ap_mode, ignore_gallery_pids=ignore
     )
+    kwargs = dict(ap_mode=ap_mode, ignore_gallery_pids=ignore, chunk_size=chunk)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rank_mod, "_DENSE_FRACTION", dense_frac)
         if expected is None:
             with pytest.raises(ValueError, match="none of the"):
-                evaluate_rank(
-                    dist,
-                    qp,
-                    gp,
-                    *cams,
-                    max_rank,
-                    ap_mode=ap_mode,
-                    ignore_gallery_pids=ignore,
-                    chunk_size=chunk,
-                )
+                evaluate_rank(dist, qp, gp, *cams, max_rank, **kwargs)
             return
-        r = evaluate_rank(
-            dist,
-            qp,
-            gp,
-            *cams,
-            max_rank,
-            ap_mode=ap_mode,
-            ignore_gallery_pids=ignore,
-            chunk_size=chunk,
-        )
+        r = evaluate_rank(dist, qp, gp, *cams, max_rank, **kwargs)
     cmc, m_ap, m_inp, all_ap, valid = expected
     np.testing.assert_allclose(r.cmc, cmc, atol=1e-12)
     assert r.mAP == pytest.approx(m_ap, abs=1e-12)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from bench_reference import ref
 
 import reidkit.metrics.rerank as rr
 from reidkit.metrics import (
@@ -21,12 +19,6 @@ from reidkit.metrics import (
 )
 
 torch.set_num_threads(1)
-
-_spec = importlib.util.spec_from_file_location(
-    "reidkit_bench_reference", Path(__file__).parents[1] / "benchmarks" / "_reference.py"
-)
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
 
 
 def _features(nq, ng, dim, seed, num_ids=None):

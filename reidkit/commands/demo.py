@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+from reidkit.commands import _common
+
 __all__ = ["add_parser", "run", "find_config"]
 
 
@@ -31,13 +33,13 @@ def find_config(relative: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from reidkit.config import load_config
     from reidkit.engine import train
 
     t0 = time.time()
     config = Path(args.config) if args.config else find_config("synth/bot_demo.yaml")
-    overrides = [f"data.root={args.data_root}", f"output_dir={args.output_dir}", *args.overrides]
-    cfg = load_config(config, overrides)
+    cfg = _common.load_config_from_args(
+        args, [f"data.root={args.data_root}", f"output_dir={args.output_dir}"], config=config
+    )
     data_dir = Path(cfg.data.root) / f"synth-{cfg.data.synth_preset}"
     if cfg.data.dataset == "synth" and not (data_dir / "meta.json").is_file():
         from reidkit.data.synth import generate
@@ -66,11 +68,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _common.add_command_parser(
+        sub,
         "demo",
         help="train + evaluate BoT on the synthetic set (a few minutes on CPU)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        doc=__doc__,
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument(
@@ -81,5 +83,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output-dir", default="runs/demo", help="run folder (overwritten)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    _common.add_debug_argument(p)
     p.set_defaults(func=run)

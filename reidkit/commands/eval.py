@@ -13,20 +13,18 @@ import argparse
 import json
 from pathlib import Path
 
+from reidkit.commands import _common
+
 __all__ = ["add_parser", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
-    from reidkit.config import load_config
     from reidkit.data.datasets import dataset_from_config
     from reidkit.engine import distributed as dist_utils
     from reidkit.engine import evaluate_model, load_model
 
-    cfg = load_config(args.config, args.overrides)
-    weights = Path(args.weights)
-    if not weights.is_file():
-        hint = " (a folder; pass e.g. checkpoints/best.pt inside it)" if weights.is_dir() else ""
-        raise FileNotFoundError(f"--weights: file not found: {weights}{hint}")
+    cfg = _common.load_config_from_args(args)
+    weights = _common.resolve_weights_file(args.weights)
     info, device = dist_utils.init_from_env(cfg.device)
     ok = False
     try:
@@ -55,22 +53,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="evaluate weights (CMC / mAP / mINP)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = _common.add_command_parser(
+        sub, "eval", help="evaluate weights (CMC / mAP / mINP)", doc=__doc__
     )
-    p.add_argument("-c", "--config", required=True, help="YAML config of the model and dataset")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument(
-        "--weights", required=True, help="checkpoint (.pt) or weights (.pth/.safetensors)"
-    )
+    _common.add_config_arguments(p, weights=True)
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (test.rerank_*)")
     p.add_argument("--save-features", metavar="DIR", help="write query/gallery features here")
-    p.add_argument(
-        "--num-classes", type=int, default=None, help="identities of the weights' classifier"
-    )
+    _common.add_num_classes_argument(p)
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    _common.add_debug_argument(p)
     p.set_defaults(func=run)

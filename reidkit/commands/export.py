@@ -16,18 +16,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+from reidkit.commands import _common
+
 __all__ = ["add_parser", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from reidkit.config import load_config
     from reidkit.export import ONNXMismatchError, export_from_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, args.overrides)
+    cfg = _common.load_config_from_args(args)
     try:
         result = export_from_config(
             cfg,
@@ -53,18 +54,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export",
-        help="export weights to ONNX (checked with onnxruntime)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = _common.add_command_parser(
+        sub, "export", help="export weights to ONNX (checked with onnxruntime)", doc=__doc__
     )
-    p.add_argument("-c", "--config", required=True, help="YAML config of the model")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument(
-        "--weights",
-        required=True,
-        help="checkpoint (.pt), weights (.pth/.safetensors) or run folder",
+    _common.add_config_arguments(
+        p,
+        weights=True,
+        config_help="YAML config of the model",
+        weights_help="checkpoint (.pt), weights (.pth/.safetensors) or run folder",
     )
     p.add_argument("--out", required=True, help="output .onnx file")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
@@ -87,9 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-verify", action="store_true", help="skip the onnx.checker / onnxruntime check"
     )
-    p.add_argument(
-        "--num-classes", type=int, default=None, help="identities of the weights' classifier"
-    )
+    _common.add_num_classes_argument(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    _common.add_debug_argument(p)
     p.set_defaults(func=run)

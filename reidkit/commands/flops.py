@@ -16,6 +16,8 @@ import statistics
 import time
 from pathlib import Path
 
+from reidkit.commands import _common
+
 __all__ = ["add_parser", "run", "count_flops", "measure_latency"]
 
 
@@ -58,11 +60,10 @@ def measure_latency(
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from reidkit.config import load_config
     from reidkit.engine.distributed import resolve_device
     from reidkit.methods import build_method
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _common.load_config_from_args(args)
     device = resolve_device(args.device or cfg.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,19 +106,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "flops",
-        help="parameters, GFLOPs and latency of a model",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = _common.add_command_parser(
+        sub, "flops", help="parameters, GFLOPs and latency of a model", doc=__doc__
     )
-    p.add_argument("-c", "--config", required=True, help="YAML config of the model")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    _common.add_config_arguments(p, config_help="YAML config of the model")
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 (default: the config's device)"
     )
-    p.add_argument(
-        "--num-classes", type=int, default=751, help="classifier size (not in the eval forward)"
+    _common.add_num_classes_argument(
+        p, default=751, help="classifier size (not in the eval forward)"
     )
     p.add_argument(
         "--batch-sizes", type=int, nargs="+", default=[1, 32], help="latency batch sizes"
@@ -126,5 +123,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=int, default=5, help="timed forwards (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    _common.add_debug_argument(p)
     p.set_defaults(func=run)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from reidkit.commands import _common
+
 __all__ = ["add_parser", "run"]
 
 
@@ -22,7 +24,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from reidkit import metrics as M
-    from reidkit.config import load_config
     from reidkit.data.datasets import dataset_from_config
     from reidkit.data.loader import build_test_loader
     from reidkit.engine import evaluate_model, load_model
@@ -33,11 +34,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--queries and --topk must be >= 1 (got {args.queries}, {args.topk})")
     if not 0.0 <= args.failure_fraction <= 1.0:
         raise ValueError(f"--failure-fraction must be in [0, 1], got {args.failure_fraction}")
-    cfg = load_config(args.config, args.overrides)
-    weights = Path(args.weights)
-    if not weights.is_file():
-        hint = " (a folder; pass e.g. checkpoints/best.pt inside it)" if weights.is_dir() else ""
-        raise FileNotFoundError(f"--weights: file not found: {weights}{hint}")
+    cfg = _common.load_config_from_args(args)
+    weights = _common.resolve_weights_file(args.weights)
     device = resolve_device(args.device or cfg.device, 0)
     dataset = dataset_from_config(cfg.data)
     model = load_model(cfg, weights, num_classes=args.num_classes, device=device)
@@ -104,17 +102,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "report",
-        help="HTML ranking report with ranking activation maps",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = _common.add_command_parser(
+        sub, "report", help="HTML ranking report with ranking activation maps", doc=__doc__
     )
-    p.add_argument("-c", "--config", required=True, help="YAML config of the model and dataset")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument(
-        "--weights", required=True, help="checkpoint (.pt) or weights (.pth/.safetensors)"
-    )
+    _common.add_config_arguments(p, weights=True)
     p.add_argument("--out", required=True, help="output folder (report.html is written there)")
     p.add_argument("--queries", type=int, default=12, help="number of queries shown (default 12)")
     p.add_argument("--topk", type=int, default=10, help="gallery images per query (default 10)")
@@ -126,9 +117,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the query choice")
     p.add_argument("--device", default=None, help="override cfg.device (cpu, cuda, cuda:1)")
-    p.add_argument(
-        "--num-classes", type=int, default=None, help="identities of the weights' classifier"
-    )
+    _common.add_num_classes_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    _common.add_debug_argument(p)
     p.set_defaults(func=run)

@@ -13,14 +13,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from reidkit.commands import _common
+
 __all__ = ["add_parser", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
-    from reidkit.config import load_config
     from reidkit.engine import NonFiniteLossError, train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _common.load_config_from_args(args)
     try:
         train(
             cfg,
@@ -36,15 +37,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a model from a config",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("-c", "--config", required=True, help="YAML config (may use _base_)")
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.lr=1e-4"
+    p = _common.add_command_parser(sub, "train", help="train a model from a config", doc=__doc__)
+    _common.add_config_arguments(
+        p,
+        config_help="YAML config (may use _base_)",
+        overrides_help="config overrides, e.g. solver.lr=1e-4",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue from <output_dir>/checkpoints/last.pt"
@@ -60,5 +57,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="stop after N epochs of this call (continue later with --resume)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    _common.add_debug_argument(p)
     p.set_defaults(func=run)

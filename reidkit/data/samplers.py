@@ -36,16 +36,43 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
 
 
+def _check_batch_size(
+    owner: str, batch_size: int, divisor: int, divisor_name: str, hint: str = ""
+) -> None:
+    """``batch_size`` must be a positive multiple of ``divisor`` (named ``divisor_name``)."""
+    if batch_size < 1 or batch_size % divisor != 0:
+        raise ValueError(
+            f"{owner}: batch_size ({batch_size}) must be a positive multiple of "
+            f"{divisor_name} ({divisor}){hint}"
+        )
+
+
+def _count_batches(num_items: int, per_batch: int, drop_last: bool) -> int:
+    """Batches of ``per_batch`` items in ``num_items``: rounded down (``drop_last``) or up,
+    and at least 1."""
+    nb = num_items // per_batch if drop_last else -(-num_items // per_batch)
+    return max(nb, 1)
+
+
 class _EpochSampler(Sampler[int]):
-    """Shared epoch / resume bookkeeping; subclasses implement :meth:`_global_batches`."""
+    """Shared epoch / resume bookkeeping; subclasses implement :meth:`_global_batches`.
+
+    Subclasses call ``super().__init__(seed, rank, world_size, drop_last)`` first (it checks
+    the DDP position) and then set ``batch_size``, ``local_batch_size`` and ``num_batches``.
+    """
 
     seed: int
     rank: int
     world_size: int
+    drop_last: bool
+    batch_size: int
     local_batch_size: int
     num_batches: int
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int, rank: int, world_size: int, drop_last: bool) -> None:
+        _check_rank(rank, world_size)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.drop_last = bool(drop_last)
         self.epoch = 0
         self.start_step = 0
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -133,15 +160,12 @@ class PKSampler(_EpochSampler):
         world_size: int = 1,
         drop_last: bool = True,
     ) -> None:
-        super().__init__()
-        _check_rank(rank, world_size)
+        super().__init__(seed, rank, world_size, drop_last)
         if num_instances < 1:
             raise ValueError(f"PKSampler: num_instances (K) must be >= 1, got {num_instances}")
-        if batch_size < 1 or batch_size % num_instances != 0:
-            raise ValueError(
-                f"PKSampler: batch_size ({batch_size}) must be a positive multiple of "
-                f"num_instances K ({num_instances}) (data.batch_size = P * K)"
-            )
+        _check_batch_size(
+            "PKSampler", batch_size, num_instances, "num_instances K", " (data.batch_size = P * K)"
+        )
         p = batch_size // num_instances
         if p % world_size != 0:
             raise ValueError(
@@ -154,10 +178,8 @@ class PKSampler(_EpochSampler):
             raise ValueError(
                 f"PKSampler: pids must be a non-empty 1-D sequence, got shape {labels.shape}"
             )
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.batch_size, self.num_instances, self.num_pids_per_batch = batch_size, num_instances, p
         self.local_batch_size = batch_size // world_size
-        self.drop_last = bool(drop_last)
 
         uniq, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
         if len(uniq) < p:
@@ -174,8 +196,7 @@ class PKSampler(_EpochSampler):
         self._starts = np.concatenate([[0], np.cumsum(self._counts)[:-1]])
         self._chunks_per_id = np.maximum(self._counts, num_instances) // num_instances
         self.num_chunks = int(self._chunks_per_id.sum())
-        nb = self.num_chunks // p if drop_last else -(-self.num_chunks // p)
-        self.num_batches = max(nb, 1)
+        self.num_batches = _count_batches(self.num_chunks, p, drop_last)
 
     def _round(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One shuffled round of chunks: ``(chunks (C, K), identity code per chunk (C,))``."""
@@ -252,21 +273,14 @@ class ShuffleSampler(_EpochSampler):
         world_size: int = 1,
         drop_last: bool = True,
     ) -> None:
-        super().__init__()
-        _check_rank(rank, world_size)
+        super().__init__(seed, rank, world_size, drop_last)
         if num_samples < 1:
             raise ValueError(f"ShuffleSampler: num_samples must be >= 1, got {num_samples}")
-        if batch_size < 1 or batch_size % world_size != 0:
-            raise ValueError(
-                f"ShuffleSampler: batch_size ({batch_size}) must be a positive multiple of world_size ({world_size})"
-            )
+        _check_batch_size("ShuffleSampler", batch_size, world_size, "world_size")
         self.num_samples = int(num_samples)
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.batch_size = batch_size
         self.local_batch_size = batch_size // world_size
-        self.drop_last = bool(drop_last)
-        nb = num_samples // batch_size if drop_last else -(-num_samples // batch_size)
-        self.num_batches = max(nb, 1)
+        self.num_batches = _count_batches(num_samples, batch_size, drop_last)
 
     def _global_batches(self, epoch: int) -> np.ndarray:
         perm = _epoch_rng(self.seed, epoch, 1).permutation(self.num_samples)

@@ -543,6 +543,20 @@ class RandomErasing(Transform):
 
 
 # ----------------------------------------------------------------------------- builders
+def _config_random_erasing(data_cfg: Any, p: float) -> RandomErasing:
+    """In-place ``RandomErasing(p)`` with the config's ``random_erasing_*`` area, aspect and
+    fill parameters (``fill="mean"`` erases with ``data_cfg.mean``)."""
+    return RandomErasing(
+        p=p,
+        sl=data_cfg.random_erasing_sl,
+        sh=data_cfg.random_erasing_sh,
+        r1=data_cfg.random_erasing_r1,
+        fill=data_cfg.random_erasing_fill,
+        mean=data_cfg.mean,
+        inplace=True,
+    )
+
+
 def build_train_transforms(data_cfg: Any) -> Compose:
     """Training pipeline from a ``DataConfig`` (``reidkit.config``).
 
@@ -561,17 +575,7 @@ def build_train_transforms(data_cfg: Any) -> Compose:
         ts.append(ColorJitter(s, s, s))
     ts.append(Normalize(data_cfg.mean, data_cfg.std))
     if data_cfg.random_erasing_p > 0:
-        ts.append(
-            RandomErasing(
-                p=data_cfg.random_erasing_p,
-                sl=data_cfg.random_erasing_sl,
-                sh=data_cfg.random_erasing_sh,
-                r1=data_cfg.random_erasing_r1,
-                fill=data_cfg.random_erasing_fill,
-                mean=data_cfg.mean,
-                inplace=True,
-            )
-        )
+        ts.append(_config_random_erasing(data_cfg, data_cfg.random_erasing_p))
     return Compose(ts)
 
 
@@ -584,15 +588,5 @@ def build_test_transforms(data_cfg: Any, occlusion_p: float = 0.0) -> Compose:
     size = (int(data_cfg.height), int(data_cfg.width))
     ts: list[Transform] = [Resize(size), Normalize(data_cfg.mean, data_cfg.std)]
     if occlusion_p > 0:
-        ts.append(
-            RandomErasing(
-                p=occlusion_p,
-                sl=data_cfg.random_erasing_sl,
-                sh=data_cfg.random_erasing_sh,
-                r1=data_cfg.random_erasing_r1,
-                fill=data_cfg.random_erasing_fill,
-                mean=data_cfg.mean,
-                inplace=True,
-            )
-        )
+        ts.append(_config_random_erasing(data_cfg, occlusion_p))
     return Compose(ts)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reidkit.losses.softmax import check_targets, full_precision, to_float
-from reidkit.losses.triplet import _check, euclidean_dist, pair_masks
+from reidkit.losses.triplet import _batch_distances, pair_masks
 
 __all__ = [
     "chebyshev_cos_multiple",
@@ -152,10 +152,7 @@ def lifted_structure_loss(
     Returns:
         Scalar; zero (with graph) when the batch has no positive or no negative pair.
     """
-    _check(feats, pids)
-    if normalize:
-        feats = F.normalize(to_float(feats), dim=1)
-    dist = euclidean_dist(feats, feats)
+    dist = _batch_distances(feats, pids, normalize)
     is_pos, is_neg = pair_masks(pids)
     has_neg = is_neg.any(dim=1, keepdim=True)
     # S_i = log sum_{k in N(i)} exp(alpha - D_ik). A sample without negatives (one
@@ -234,10 +231,7 @@ def contrastive_loss(
     Returns:
         Scalar.
     """
-    _check(feats, pids)
-    if normalize:
-        feats = F.normalize(to_float(feats), dim=1)
-    dist = euclidean_dist(feats, feats)
+    dist = _batch_distances(feats, pids, normalize)
     is_pos, is_neg = pair_masks(pids)
     pos = F.relu(dist - pos_margin)
     neg = F.relu(margin - dist)

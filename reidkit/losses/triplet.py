@@ -52,6 +52,15 @@ def _check(feats: torch.Tensor, pids: torch.Tensor) -> None:
         raise ValueError(f"pids must be (B,) with B={feats.shape[0]}, got {tuple(pids.shape)}")
 
 
+def _batch_distances(feats: torch.Tensor, pids: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Check ``feats (B, D)`` / ``pids (B,)`` and return the ``(B, B)`` float32 Euclidean
+    distances between the features (L2-normalised first when ``normalize``)."""
+    _check(feats, pids)
+    if normalize:
+        feats = F.normalize(to_float(feats), dim=1)
+    return euclidean_dist(feats, feats)
+
+
 def _anchor_masks(pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(is_pos, is_neg, valid)`` for per-anchor reductions without host syncs.
 
@@ -94,10 +103,7 @@ def triplet_batch_hard(
     Returns:
         Scalar.
     """
-    _check(feats, pids)
-    if normalize:
-        feats = F.normalize(to_float(feats), dim=1)
-    dist = euclidean_dist(feats, feats)
+    dist = _batch_distances(feats, pids, normalize)
     is_pos, is_neg, valid = _anchor_masks(pids)
     d_ap = dist.masked_fill(~is_pos, float("-inf")).amax(dim=1)
     d_an = dist.masked_fill(~is_neg, float("inf")).amin(dim=1)
@@ -131,10 +137,7 @@ def weighted_regularized_triplet(
     Returns:
         Scalar.
     """
-    _check(feats, pids)
-    if normalize:
-        feats = F.normalize(to_float(feats), dim=1)
-    dist = euclidean_dist(feats, feats)
+    dist = _batch_distances(feats, pids, normalize)
     is_pos, is_neg, valid = _anchor_masks(pids)
     if include_self_positive:
         is_pos = is_pos | torch.eye(len(pids), dtype=torch.bool, device=pids.device)

@@ -23,11 +23,11 @@ from torch import nn
 
 from reidkit.config import Config
 
-_METHODS: dict[str, Callable[[Config, int], "ReIDMethod"]] = {}
+_METHODS: dict[str, Callable[[Config, int], ReIDMethod]] = {}
 
 
 def register_method(name: str) -> Callable:
-    def deco(builder: Callable[[Config, int], "ReIDMethod"]):
+    def deco(builder: Callable[[Config, int], ReIDMethod]):
         if name in _METHODS:
             raise ValueError(f"method '{name}' registered twice")
         _METHODS[name] = builder
@@ -41,7 +41,7 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def build_method(cfg: Config, num_classes: int) -> "ReIDMethod":
+def build_method(cfg: Config, num_classes: int) -> ReIDMethod:
     """Build the method named by ``cfg.model.name`` for ``num_classes`` train identities."""
     _import_all()
     name = cfg.model.name
@@ -71,7 +71,9 @@ def _import_all() -> None:
 class ReIDMethod(nn.Module):
     """Base class with no-op hooks; subclasses implement forward and compute_loss."""
 
-    def compute_loss(self, outputs: dict[str, torch.Tensor], pids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compute_loss(
+        self, outputs: dict[str, torch.Tensor], pids: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def on_epoch_start(self, epoch: int, max_epochs: int) -> None:  # noqa: B027

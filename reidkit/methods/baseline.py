@@ -46,7 +46,7 @@ from reidkit.losses import (
     metric_loss_key,
 )
 from reidkit.methods.base import ReIDMethod, register_method
-from reidkit.models import BNNeck, build_backbone, build_pooling
+from reidkit.models import BNNeck, backbone_from_config, build_pooling
 
 __all__ = ["Baseline", "METHOD_PRESETS", "apply_method_presets"]
 
@@ -116,14 +116,7 @@ class Baseline(ReIDMethod):
         mcfg, lcfg = cfg.model, cfg.loss
         self.cfg = cfg
         self.num_classes = num_classes
-        self.backbone = build_backbone(
-            mcfg.backbone,
-            last_stride=mcfg.last_stride,
-            ibn=mcfg.ibn,
-            non_local_layers=mcfg.non_local_layers if mcfg.non_local else None,
-            non_local_inner_channels=mcfg.non_local_inner_channels,
-            pretrained=mcfg.pretrained,
-        )
+        self.backbone = backbone_from_config(mcfg)
         self.feat_dim: int = self.backbone.out_channels
         self.pool = build_pooling(mcfg.pooling, p=mcfg.gem_p)
         self.neck = BNNeck(self.feat_dim, num_classes, neck=mcfg.neck)

@@ -62,16 +62,9 @@ class CAMA(ReIDMethod):
                 "identity S = GAP(M) only holds for GAP); set model.pooling=avg"
             )
         if backbone is None:
-            from reidkit.models import build_backbone
+            from reidkit.models import backbone_from_config
 
-            backbone = build_backbone(
-                mcfg.backbone,
-                last_stride=mcfg.last_stride,
-                ibn=mcfg.ibn,
-                non_local_layers=mcfg.non_local_layers if mcfg.non_local else None,
-                non_local_inner_channels=mcfg.non_local_inner_channels,
-                pretrained=mcfg.pretrained,
-            )
+            backbone = backbone_from_config(mcfg)
         missing = [a for a in (*_TRUNK_ATTRS, "layer4") if not hasattr(backbone, a)]
         if missing:
             raise ValueError(

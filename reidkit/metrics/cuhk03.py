@@ -25,9 +25,8 @@ from .distance import as_tensor
 from .rank import (
     _CHUNK_ELEMENTS,
     EvalResult,
-    _check_camids,
     _cmc_from_first_hits,
-    _labels,
+    _query_gallery_labels,
     evaluate_rank,
 )
 
@@ -112,11 +111,7 @@ def evaluate_cuhk03_classic(
         dist = dist.float()
     dev = dist.device
     nq, ng = dist.shape
-    has_cam = _check_camids(q_camids, g_camids)
-    qp = _labels(q_pids, "q_pids", nq, dev)
-    gp = _labels(g_pids, "g_pids", ng, dev)
-    qc = _labels(q_camids, "q_camids", nq, dev) if has_cam else None
-    gc = _labels(g_camids, "g_camids", ng, dev) if has_cam else None
+    qp, gp, qc, gc = _query_gallery_labels(q_pids, g_pids, q_camids, g_camids, nq, ng, dev)
     gen = torch.Generator().manual_seed(int(seed))
     step = max(1, _CHUNK_ELEMENTS // ng)
     firsts = []

@@ -154,6 +154,25 @@ def _check_camids(q_camids: Any, g_camids: Any) -> bool:
     return q_camids is not None
 
 
+def _query_gallery_labels(
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    num_query: int,
+    num_gallery: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Checked long label tensors ``(qp (Q,), gp (G,), qc (Q,) | None, gc (G,) | None)`` on
+    ``device`` for a ``(Q, G)`` distance matrix; the camids are both None in no-camera mode."""
+    has_cam = _check_camids(q_camids, g_camids)
+    qp = _labels(q_pids, "q_pids", num_query, device)
+    gp = _labels(g_pids, "g_pids", num_gallery, device)
+    qc = _labels(q_camids, "q_camids", num_query, device) if has_cam else None
+    gc = _labels(g_camids, "g_camids", num_gallery, device) if has_cam else None
+    return qp, gp, qc, gc
+
+
 def _check_common(max_rank: int, ap_mode: str) -> None:
     if isinstance(max_rank, bool) or not isinstance(max_rank, int | np.integer) or max_rank < 1:
         raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
@@ -525,12 +544,8 @@ def evaluate_rank(
         raise ValueError("the query set is empty (distmat has 0 rows)")
     if ng == 0:
         raise ValueError("the gallery is empty (distmat has 0 columns)")
-    has_cam = _check_camids(q_camids, g_camids)
     dev = dist.device
-    qp = _labels(q_pids, "q_pids", nq, dev)
-    gp = _labels(g_pids, "g_pids", ng, dev)
-    qc = _labels(q_camids, "q_camids", nq, dev) if has_cam else None
-    gc = _labels(g_camids, "g_camids", ng, dev) if has_cam else None
+    qp, gp, qc, gc = _query_gallery_labels(q_pids, g_pids, q_camids, g_camids, nq, ng, dev)
     acc = RankAccumulator(gp, gc, max_rank, ap_mode, ignore_gallery_pids, dev)
     step = _chunk_rows(ng, chunk_size)
     for s in range(0, nq, step):

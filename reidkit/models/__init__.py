@@ -12,6 +12,7 @@ import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ __all__ = [
     "PretrainedLoadError",
     "ResNet",
     "available_backbones",
+    "backbone_from_config",
     "build_backbone",
     "build_pooling",
     "load_pretrained",
@@ -279,3 +281,17 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
             "%d model keys not in the file (kept at init), e.g. %s", len(absent), absent[:5]
         )
     return report
+
+
+def backbone_from_config(model_cfg: Any) -> ResNet:
+    """:func:`build_backbone` from a ``ModelConfig`` (``reidkit.config``, ``cfg.model``):
+    ``backbone``, ``last_stride``, ``ibn``, ``non_local_layers`` (only when ``non_local``),
+    ``non_local_inner_channels`` and ``pretrained``."""
+    return build_backbone(
+        model_cfg.backbone,
+        last_stride=model_cfg.last_stride,
+        ibn=model_cfg.ibn,
+        non_local_layers=model_cfg.non_local_layers if model_cfg.non_local else None,
+        non_local_inner_channels=model_cfg.non_local_inner_channels,
+        pretrained=model_cfg.pretrained,
+    )

@@ -40,65 +40,80 @@ def _conv1x1(inp: int, out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(inp, out, kernel_size=1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """Constructor signature and residual ``forward`` shared by the two block types.
+
+    ``BasicBlock(inplanes, planes, stride=1, downsample=None, ibn=False)``: the subclass's
+    :meth:`_build` registers the residual branch's layers (in torchvision's order, so the
+    state-dict keys and their order match), then ``downsample`` and ``stride`` are stored.
+    ``forward(x)``: ``(B, inplanes, H, W) -> (B, planes * expansion, H / stride, W / stride)``
+    computed as ``relu(branch(x) + (x or downsample(x)))``; ``ibn`` puts IBN-a in ``bn1``.
+    """
+
+    expansion: int = 1
+    relu: nn.ReLU
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        ibn: bool = False,
+    ) -> None:
+        super().__init__()
+        self._build(inplanes, planes, stride, IBN(planes) if ibn else nn.BatchNorm2d(planes))
+        self.downsample = downsample
+        self.stride = stride
+
+    def _build(self, inplanes: int, planes: int, stride: int, bn1: nn.Module) -> None:
+        """Register the branch's modules (``bn1`` is the first normalisation layer)."""
+        raise NotImplementedError
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch, without the final ReLU."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self._branch(x) + identity)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
 
     expansion = 1
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        ibn: bool = False,
-    ) -> None:
-        super().__init__()
+    def _build(self, inplanes: int, planes: int, stride: int, bn1: nn.Module) -> None:
         self.conv1 = _conv3x3(inplanes, planes, stride)
-        self.bn1 = IBN(planes) if ibn else nn.BatchNorm2d(planes)
+        self.bn1 = bn1
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.stride = stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.bn2(self.conv2(out))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1 -> 3x3 (strided) -> 1x1 bottleneck with a residual connection (ResNet-50/101)."""
 
     expansion = 4
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-        ibn: bool = False,
-    ) -> None:
-        super().__init__()
+    def _build(self, inplanes: int, planes: int, stride: int, bn1: nn.Module) -> None:
         self.conv1 = _conv1x1(inplanes, planes)
-        self.bn1 = IBN(planes) if ibn else nn.BatchNorm2d(planes)
+        self.bn1 = bn1
         self.conv2 = _conv3x3(planes, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = _conv1x1(planes, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self.bn3(self.conv3(out))
 
 
 RESNET_DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {

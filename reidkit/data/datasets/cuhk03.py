@@ -24,6 +24,7 @@ camid is the view within the camera pair (0 or 1), as in the usual protocol code
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -52,15 +53,24 @@ _CONVERTED_NAME = re.compile(r"^(\d)_(\d{3})_([12])_(\d{2})\.png$")
 _MARKER = ".complete"
 
 
-def _import_h5py() -> Any:
+def _import_optional(module: str, purpose: str, package: str, alternative: str = "") -> Any:
+    """Import ``module`` of the ``cuhk03`` extra, or a :class:`DatasetError` that says what
+    needs ``package`` (``purpose``) and how to install it."""
     try:
-        import h5py
+        return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise DatasetError(
-            "cuhk03: reading the original cuhk-03.mat (MATLAB v7.3) needs h5py: "
-            "pip install 'reidkit[cuhk03]' (or use the cuhk03-np folders)"
+            f"cuhk03: {purpose} needs {package}: pip install 'reidkit[cuhk03]'{alternative}"
         ) from exc
-    return h5py
+
+
+def _import_h5py() -> Any:
+    return _import_optional(
+        "h5py",
+        "reading the original cuhk-03.mat (MATLAB v7.3)",
+        "h5py",
+        " (or use the cuhk03-np folders)",
+    )
 
 
 def _refs(ds: Any) -> np.ndarray:
@@ -152,15 +162,9 @@ def _flat(value: Any) -> list[Any]:
 def _new_protocol(
     split_file: Path, image_dir: Path
 ) -> tuple[dict[str, list[ImageRecord]], dict[str, str]]:
+    sio = _import_optional("scipy.io", "reading the new-protocol split files", "scipy")
     try:
-        from scipy.io import loadmat
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise DatasetError(
-            "cuhk03: reading the new-protocol split files needs scipy: "
-            "pip install 'reidkit[cuhk03]'"
-        ) from exc
-    try:
-        mat = loadmat(str(split_file))
+        mat = sio.loadmat(str(split_file))
     except Exception as exc:  # scipy raises several types for bad files
         raise DatasetError(f"cuhk03: cannot read split file {split_file}: {exc}") from exc
     required = ("train_idx", "query_idx", "gallery_idx", "labels", "filelist")
