@@ -1,7 +1,7 @@
 """``reidkit demo``: the whole pipeline on the embedded synthetic set in a few minutes.
 
 Generates the ``small`` synthetic set at ``data/synth-small`` if it is missing, trains the
-BoT baseline (ResNet-18, 128x64 input; ``configs/synth/bot_demo.yaml``), evaluates it and
+BoT baseline (ResNet-18, 64x32 input, 20 epochs; ``configs/synth/bot_demo.yaml``), evaluates it and
 prints the metrics table and where the run folder is.
 """
 
