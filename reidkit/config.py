@@ -42,7 +42,9 @@ class _Section(BaseModel):
 
 # --------------------------------------------------------------------------- data
 class DataConfig(_Section):
-    dataset: str = "synth"  # registry name: market1501, dukemtmc, msmt17, cuhk03, veri, custom, synth
+    dataset: str = (
+        "synth"  # registry name: market1501, dukemtmc, msmt17, cuhk03, veri, custom, synth
+    )
     root: str = "data"  # folder that holds the dataset folder (torchreid / fast-reid style)
     cuhk03_variant: Literal["labeled", "detected"] = "labeled"
     cuhk03_classic_split: bool = False

@@ -79,7 +79,9 @@ def evaluate_feature_sets(
         distmat = re_ranking_features(
             query.feats, gallery.feats, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric
         )
-        raw = evaluate_rank(distmat, query.pids, gallery.pids, q_camids, g_camids, max_rank=max_rank)
+        raw = evaluate_rank(
+            distmat, query.pids, gallery.pids, q_camids, g_camids, max_rank=max_rank
+        )
     else:
         raw = evaluate_features(
             query.feats,
@@ -183,7 +185,9 @@ def _branch_overlap(cfg: Config, model: nn.Module, records: list[ImageRecord], d
     from reidkit.data.loader import build_test_loader
     from reidkit.viz.overlap import branch_overlap_matrix, format_branch_overlap
 
-    mat = branch_overlap_matrix(model, build_test_loader(cfg, records), max_batches=4, device=device)
+    mat = branch_overlap_matrix(
+        model, build_test_loader(cfg, records), max_batches=4, device=device
+    )
     print(format_branch_overlap(mat, getattr(model, "oap_k", None)))
     n = mat.shape[0]
     iu = torch.triu_indices(n, n, offset=1)
