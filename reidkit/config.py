@@ -84,7 +84,7 @@ class CAMAConfig(_Section):
 class CGEConfig(_Section):
     num_stripes: int = Field(3, ge=1)
     momentum_schedule: Literal["linear", "exponential", "fixed"] = "linear"
-    momentum_fixed: float = Field(0.5, ge=0, le=1)  # a for the fixed schedule
+    momentum_fixed: float = Field(0.01, ge=0, le=1)  # a for the fixed schedule (paper: 0.01)
     momentum_exp_gamma: float = Field(5.0, gt=0)  # a = exp(-gamma ((1-t)/E)^2), Eq. 12
     revise_level: Literal["logit", "feature"] = "logit"  # Table 6
     # what p in p_hat = p * w is: "logits" (Eq. 4 literally: softmax(z * w)) or "probs"

@@ -78,7 +78,8 @@ def _read_keypoints(record: ImageRecord) -> Tensor | None:
     kp = record.extras.get("keypoints") if record.extras else None
     if kp is None:
         return None
-    t = torch.as_tensor(np.asarray(kp, dtype=np.float32))
+    # always a copy: transforms move keypoints in place, the record must stay unchanged
+    t = torch.tensor(np.asarray(kp, dtype=np.float32))
     if t.shape != (17, 3):
         raise ValueError(
             f"{record.path}: extras['keypoints'] must be 17 rows of [x, y, v] (COCO-17), got shape {tuple(t.shape)}"

@@ -122,6 +122,48 @@ def _metric_summary(result: EvalResult) -> dict[str, float]:
     return {k: round(float(v), 6) for k, v in result.metrics.items()}
 
 
+# Settings that do not change the training trajectory (where it runs, how it logs and
+# evaluates); a resume may change these without a warning.
+_RESUME_FREE_KEYS = (
+    "output_dir",
+    "device",
+    "data.num_workers",
+    "tensorboard",
+    "log_period",
+    "checkpoint_period",
+)
+_RESUME_FREE_PREFIXES = ("test.",)
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def _config_changes(saved: Any, current: dict) -> list[tuple[str, Any, Any]]:
+    """``(key, checkpoint value, current value)`` for the trajectory-relevant config keys
+    that differ between a checkpoint's stored config and the current one."""
+    if not isinstance(saved, dict):
+        return []
+    a, b = _flatten(saved), _flatten(current)
+    out = []
+    for key in sorted(a.keys() | b.keys()):
+        if key in _RESUME_FREE_KEYS or key.startswith(_RESUME_FREE_PREFIXES):
+            continue
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, tuple):
+            va = list(va)
+        if isinstance(vb, tuple):
+            vb = list(vb)
+        if va != vb:
+            out.append((key, va, vb))
+    return out
+
+
 def _set_trainable(params: Iterable[nn.Parameter], allowed: set[int]) -> None:
     for p in params:
         p.requires_grad_(id(p) in allowed)
@@ -268,6 +310,18 @@ def _train(
             raise ValueError(
                 f"{last_path}: trained with {state.get('num_classes')} identities, the "
                 f"dataset now has {num_classes}"
+            )
+        changed = _config_changes(state.get("config"), config_to_dict(cfg))
+        if changed:
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:8])
+            more = f" (+{len(changed) - 8} more)" if len(changed) > 8 else ""
+            logger.print(
+                f"warning: --resume with a config that differs from the checkpoint's "
+                f"({last_path}): {shown}{more}. The resumed run is not an exact continuation; "
+                f"resume with -c {out_dir / 'config.yaml'} to keep the original settings."
+            )
+            logger.log(
+                "config_changed", changes={k: [a, b] for k, a, b in changed}, epoch=state["epoch"]
             )
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
