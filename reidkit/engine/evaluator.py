@@ -183,12 +183,14 @@ def _branch_overlap(cfg: Config, model: nn.Module, records: list[ImageRecord], d
     """Mean top-k CAM IoU between branches on (up to 4 batches of) the query set, printed so
     a multi-branch run shows whether its branches look at different regions (CAMA's OAP)."""
     from reidkit.data.loader import build_test_loader
-    from reidkit.viz.overlap import branch_overlap_matrix, format_branch_overlap
+    from reidkit.viz.overlap import (
+        branch_overlap_matrix,
+        format_branch_overlap,
+        mean_pairwise_overlap,
+    )
 
     mat = branch_overlap_matrix(
         model, build_test_loader(cfg, records), max_batches=4, device=device
     )
     print(format_branch_overlap(mat, getattr(model, "oap_k", None)))
-    n = mat.shape[0]
-    iu = torch.triu_indices(n, n, offset=1)
-    return float(mat[iu[0], iu[1]].mean())
+    return mean_pairwise_overlap(mat)

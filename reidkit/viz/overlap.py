@@ -23,6 +23,7 @@ __all__ = [
     "branch_activation_maps",
     "branch_overlap_matrix",
     "branch_overlap",
+    "mean_pairwise_overlap",
 ]
 
 
@@ -147,9 +148,16 @@ def branch_overlap(
     mat = branch_overlap_matrix(
         model, loader, k=k, maps=maps, max_batches=max_batches, device=device
     )
-    n = mat.shape[0]
+    return mean_pairwise_overlap(mat)
+
+
+def mean_pairwise_overlap(matrix: torch.Tensor) -> float:
+    """Mean of the off-diagonal pairs (i < j) of an ``(N, N)`` overlap matrix, N >= 2."""
+    n = matrix.shape[0]
+    if n < 2:
+        raise ValueError("branch overlap: need at least 2 branches")
     iu = torch.triu_indices(n, n, offset=1)
-    return float(mat[iu[0], iu[1]].mean())
+    return float(matrix[iu[0], iu[1]].mean())
 
 
 def format_branch_overlap(matrix: torch.Tensor, k: float | int | None = None) -> str:
@@ -159,7 +167,7 @@ def format_branch_overlap(matrix: torch.Tensor, k: float | int | None = None) ->
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     if not pairs:
         raise ValueError("format_branch_overlap: need at least 2 branches")
-    mean = sum(float(matrix[i, j]) for i, j in pairs) / len(pairs)
+    mean = mean_pairwise_overlap(matrix)
     detail = ", ".join(f"{i + 1}-{j + 1} {float(matrix[i, j]):.3f}" for i, j in pairs)
     kk = f", k={k:g}" if k is not None else ""
     return f"branch overlap (top-k CAM IoU{kk}): mean {mean:.3f} | {detail}"
