@@ -36,6 +36,7 @@ from reidkit.config import (
     config_from_dict,
     load_config,
 )
+from reidkit.engine.checkpoint import resolve_weights
 
 if TYPE_CHECKING:
     from torch import nn
@@ -153,29 +154,6 @@ def _as_config(cfg: PathLike | Config) -> Config:
 
 
 # ---------------------------------------------------------------------------- weights
-def resolve_weights(weights: PathLike) -> Path:
-    """A weights file from a path: files are returned as they are; a run folder (or its
-    ``checkpoints/`` folder) gives ``checkpoints/best.pt``, else ``last.pt``.
-
-    Raises:
-        FileNotFoundError: naming the path (and what was looked for in a folder).
-    """
-    p = Path(weights)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        folders = [p / "checkpoints", p] if p.name != "checkpoints" else [p]
-        for folder in folders:
-            for name in ("best.pt", "last.pt"):
-                if (folder / name).is_file():
-                    return folder / name
-        raise FileNotFoundError(
-            f"weights: {p} is a folder without checkpoints/best.pt or checkpoints/last.pt "
-            "(pass a run folder or a .pt/.pth/.safetensors file)"
-        )
-    raise FileNotFoundError(f"weights file not found: {p}")
-
-
 def _config_for_weights(weights: Path) -> Config:
     """The config that produced ``weights``: the run folder's ``config.yaml`` or the
     ``config`` entry of a reidkit checkpoint."""

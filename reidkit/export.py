@@ -68,12 +68,25 @@ class InferenceModel(nn.Module):
         self, model: nn.Module, feature: str = "post_bn", flip: bool = False, normalize: bool = True
     ) -> None:
         super().__init__()
+        if not getattr(model, "exportable", True):
+            raise ValueError(
+                f"{type(model).__name__} scores query-gallery pairs itself (its score is not a "
+                "distance between vectors), so its test feature alone cannot be exported"
+            )
         self.model = model
         self.feature = feature
         self.flip = bool(flip)
         self.normalize = bool(normalize)
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.model, "encode"):
+            out = self.model.encode({"images": images}, "query")
+            if self.feature not in out:
+                raise ValueError(
+                    f"test.feature: '{self.feature}' is not produced by {type(self.model).__name__}"
+                    f".encode (available: {', '.join(sorted(out))})"
+                )
+            return out[self.feature]
         if hasattr(self.model, "forward_features"):
             out = self.model.forward_features(images)
             if isinstance(out, dict):
@@ -372,8 +385,8 @@ def export_from_config(
     """Load ``weights`` for ``cfg`` (:func:`reidkit.engine.load_model`, ``weights_only``)
     and :func:`export_onnx` its test feature with the config's input size, ``test.feature``,
     ``test.flip``, ``test.normalize``; mean/std and the method are stored as metadata."""
-    from reidkit.api import resolve_weights
     from reidkit.engine import load_model
+    from reidkit.engine.checkpoint import resolve_weights
 
     path = resolve_weights(weights)
     model = load_model(cfg, path, num_classes=num_classes, device="cpu")

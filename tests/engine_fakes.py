@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from reidkit.losses import CenterLoss
 from reidkit.methods.base import _METHODS, ReIDMethod, register_method
 
 FAKE_METHOD = "_engine_fake"
@@ -76,9 +77,8 @@ class FakeMethod(ReIDMethod):
         self.bottleneck = nn.BatchNorm1d(16)
         self.classifier = nn.Linear(16, num_classes, bias=False)
         self.center_weight = cfg.loss.center_weight
-        self.centers = (
-            nn.Parameter(torch.randn(num_classes, 16)) if self.center_weight > 0 else None
-        )
+        # a CenterLoss module: the default optimisers give its centres BoT's own SGD
+        self.center = CenterLoss(num_classes, 16) if self.center_weight > 0 else None
         self.nan_at_step: int | None = None  # tests: make the loss NaN at this call
         self.calls = 0
 
@@ -86,17 +86,19 @@ class FakeMethod(ReIDMethod):
         g = self.backbone(images).mean((2, 3))
         return {"pre_bn": g, "post_bn": self.bottleneck(g)}
 
-    def forward(self, images):
-        f = self.forward_features(images)
-        if not self.training:
-            return f["post_bn"]
+    def encode(self, batch, role="gallery"):
+        return self.forward_features(batch["images"])
+
+    def forward(self, batch):
+        f = self.forward_features(batch["images"])
         return {
             "global_feat": f["pre_bn"],
             "bn_feat": f["post_bn"],
             "logits": self.classifier(f["post_bn"]),
         }
 
-    def compute_loss(self, outputs, pids):
+    def compute_loss(self, outputs, batch):
+        pids = batch["pids"]
         self.calls += 1
         ce = F.cross_entropy(outputs["logits"], pids)
         feat = outputs["global_feat"]
@@ -105,17 +107,14 @@ class FakeMethod(ReIDMethod):
         ap = (d * same).max(1).values
         an = d.masked_fill(same, float("inf")).min(1).values
         losses = {"ce": ce, "triplet": F.relu(ap - an + 0.3).mean()}
-        if self.centers is not None:
-            losses["center"] = self.center_weight * ((feat - self.centers[pids]) ** 2).sum(1).mean()
+        if self.center is not None:
+            losses["center"] = self.center_weight * self.center(feat, pids)
         if self.nan_at_step is not None and self.calls >= self.nan_at_step:
             losses["ce"] = losses["ce"] * float("nan")
         return losses
 
     def classifier_parameters(self):
         return iter([self.classifier.weight])
-
-    def aux_parameters(self):
-        return iter([self.centers] if self.centers is not None else [])
 
 
 if FAKE_METHOD not in _METHODS:

@@ -84,7 +84,7 @@ def engine_features(cfg, weights, paths) -> torch.Tensor:
 
 # ----------------------------------------------------------------------- config()
 def test_config_override_spellings_agree():
-    path = ROOT / "configs/synth/bot.yaml"
+    path = ROOT / "configs/synth/cge_bot.yaml"
     a = rk.config(path, ["solver.lr=0.002", "data.height=96", "model.cge.num_stripes=4"])
     b = rk.config(
         path, {"solver.lr": 0.002, "data": {"height": 96}, "model.cge": {"num_stripes": 4}}
@@ -92,7 +92,7 @@ def test_config_override_spellings_agree():
     c = rk.config(str(path), solver__lr=0.002, data__height=96, model={"cge": {"num_stripes": 4}})
     assert a == b == c
     assert (a.solver.lr, a.data.height, a.model.cge.num_stripes) == (0.002, 96, 4)
-    assert a.model.name == "bot" and a.data.width == 64  # from the YAML chain
+    assert a.model.name == "cge" and a.data.width == 48  # from the YAML chain
     # a dict-valued field is a value, not a section: replaced as a whole
     d = rk.config(None, model__non_local_layers={"layer3": [1]})
     assert d.model.non_local_layers == {"layer3": [1]}
@@ -103,10 +103,10 @@ def test_config_from_config_copies_and_keeps_presets_applicable():
     agw = rk.config(base, model__name="agw")
     assert base.model.name == "bot"  # not modified
     assert agw.model.name == "agw" and agw.model.backbone == "resnet18"
-    # pooling was never set explicitly, so the agw preset (GeM) still applies at build time
-    assert "pooling" not in agw.model.model_fields_set
+    # pooling was never set explicitly, so the agw preset (GeM) applies when loading
+    assert agw.model.pooling == "gem" and agw.loss.metric == "wrt"
     explicit = rk.config(base, model__name="agw", model__pooling="avg")
-    assert "pooling" in explicit.model.model_fields_set
+    assert explicit.model.pooling == "avg" and explicit.loss.metric == "wrt"
 
 
 def test_config_errors_name_the_key():

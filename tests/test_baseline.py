@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from reidkit.config import load_config
 from reidkit.losses import triplet_batch_hard, weighted_regularized_triplet
 from reidkit.methods import available_methods, build_method
-from reidkit.methods.baseline import Baseline, apply_method_presets
+from reidkit.methods.baseline import Baseline
 from reidkit.models import GeM, NonLocalBlock
 from reidkit.models.pooling import GlobalAvgPool
 
@@ -38,25 +38,24 @@ def test_registered_names():
     assert {"ide", "ide_bn", "bot", "agw"} <= set(available_methods())
 
 
-def test_presets_fill_only_unset_fields():
+def test_presets_are_applied_at_load_time_and_fill_only_unset_fields():
     cfg = load_config(None, ["model.name=ide"])
-    applied = apply_method_presets(cfg)
-    assert applied == {"model.neck": "none", "loss.metric": "none", "loss.label_smoothing": 0.0}
-    assert apply_method_presets(cfg) == {}  # idempotent
+    assert (cfg.model.neck, cfg.loss.metric, cfg.loss.label_smoothing) == ("none", "none", 0.0)
 
     cfg = load_config(None, ["model.name=agw"])
-    apply_method_presets(cfg)
     assert (cfg.model.non_local, cfg.model.pooling, cfg.loss.metric) == (True, "gem", "wrt")
 
     # explicit values win: the "AGW without GeM" ablation
     cfg = load_config(None, ["model.name=agw", "model.pooling=avg"])
-    applied = apply_method_presets(cfg)
-    assert cfg.model.pooling == "avg" and "model.pooling" not in applied
-    assert cfg.loss.metric == "wrt"
+    assert cfg.model.pooling == "avg" and cfg.loss.metric == "wrt"
 
-    cfg = load_config(None, ["model.name=bot"])
+    # building a model never changes the config
+    cfg = load_config(None, ["model.name=agw", *AGW_SMALL])
     before = cfg.model_dump()
-    assert apply_method_presets(cfg) == {} and cfg.model_dump() == before
+    build_method(cfg, NUM_CLASSES)
+    assert cfg.model_dump() == before
+
+    assert load_config(None, ["model.name=bot"]).model_dump() == load_config(None).model_dump()
 
 
 @pytest.mark.parametrize("name", ["ide", "ide_bn", "bot", "agw"])
@@ -64,7 +63,7 @@ def test_forward_shapes_train_and_eval(name):
     model = make(name)
     images, _ = toy_batch()
     model.train()
-    out = model(images)
+    out = model({"images": images})
     assert set(out) == {"feat_map", "global_feat", "bn_feat", "logits"}
     assert out["feat_map"].shape == (8, 512, 2, 1)  # last stride 1: 32x16 / 16
     assert out["global_feat"].shape == (8, 512) and out["bn_feat"].shape == (8, 512)
@@ -74,10 +73,11 @@ def test_forward_shapes_train_and_eval(name):
 
     model.eval()
     with torch.no_grad():
-        feat = model(images)
-        feats = model.forward_features(images)
-    assert feat.shape == (8, 512) and set(feats) == {"pre_bn", "post_bn"}
-    torch.testing.assert_close(feat, feats["post_bn"])
+        feats = model.encode({"images": images}, "query")
+        gallery = model.encode({"images": images}, "gallery")
+    assert set(feats) == {"pre_bn", "post_bn"} and feats["post_bn"].shape == (8, 512)
+    torch.testing.assert_close(feats["post_bn"], model.forward_features(images)["post_bn"])
+    torch.testing.assert_close(feats["pre_bn"], gallery["pre_bn"])
     if name == "ide":
         torch.testing.assert_close(feats["post_bn"], feats["pre_bn"])  # no BN in IDE
         assert cls.bias is not None
@@ -90,11 +90,12 @@ def test_forward_shapes_train_and_eval(name):
         torch.testing.assert_close(feats["post_bn"], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_test_feature_follows_config():
-    model = make("bot", "test.feature=pre_bn").eval()
-    images, _ = toy_batch()
-    with torch.no_grad():
-        torch.testing.assert_close(model(images), model.forward_features(images)["pre_bn"])
+def test_test_feature_must_be_offered_by_the_method():
+    from reidkit.config import ConfigError
+
+    assert load_config(None, ["model.name=bot", "test.feature=pre_bn"]).test.feature == "pre_bn"
+    with pytest.raises(ConfigError, match="not a feature of method 'bot'.*post_bn, pre_bn"):
+        load_config(None, ["model.name=bot", "test.feature=bn_feat"])
 
 
 def test_loss_terms_per_method():
@@ -102,8 +103,8 @@ def test_loss_terms_per_method():
     terms = {}
     for name in ("ide", "ide_bn", "bot", "agw"):
         model = make(name).train()
-        out = model(images)
-        losses = model.compute_loss(out, pids)
+        out = model({"images": images})
+        losses = model.compute_loss(out, {"pids": pids})
         terms[name] = set(losses)
         assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
         if name == "bot":
@@ -128,7 +129,7 @@ def test_agw_has_non_local_blocks_and_gem():
     assert isinstance(model.pool, GeM)
     blocks = [m for m in model.backbone.modules() if isinstance(m, NonLocalBlock)]
     assert len(blocks) == 3 and blocks[0].inner_channels == 1
-    assert model.metric_key == "wrt"
+    assert model.loss.metric_key == "wrt"
     assert isinstance(make("bot").pool, GlobalAvgPool)
     # the ResNet-50 positions {2,3}/{3,4,5} do not exist in resnet18: clear error
     cfg = load_config(None, ["model.name=agw", *SMALL])
@@ -139,24 +140,32 @@ def test_agw_has_non_local_blocks_and_gem():
 def test_center_and_extra_losses_and_parameter_groups():
     model = make("bot", "loss.center_weight=0.0005", "loss.extra=sphere", "loss.extra_weight=0.5")
     images, pids = toy_batch()
-    out = model.train()(images)
-    losses = model.compute_loss(out, pids)
+    out = model.train()({"images": images})
+    losses = model.compute_loss(out, {"pids": pids})
     assert set(losses) == {"ce", "triplet", "center", "sphere"}
-    raw_center = model.center_criterion(out["global_feat"], pids)
+    raw_center = model.loss.center_criterion(out["global_feat"], pids)
     torch.testing.assert_close(losses["center"], 0.0005 * raw_center)
-    aux = list(model.aux_parameters())
-    assert len(aux) == 1 and aux[0] is model.center_criterion.centers
-    assert aux[0].shape == (NUM_CLASSES, 512)
+    # center loss is BoT's second optimiser: SGD at loss.center_lr, grads x 1 / weight
+    specs = model.optimizers(model.cfg)
+    assert set(specs) == {"main", "center"}
+    centers = specs["center"].params()
+    assert len(centers) == 1 and centers[0] is model.loss.center_criterion.centers
+    assert centers[0].shape == (NUM_CLASSES, 512)
+    assert specs["center"].grad_scale == pytest.approx(1 / 0.0005)
+    assert isinstance(specs["center"].optimizer, torch.optim.SGD)
+    assert specs["center"].optimizer.param_groups[0]["lr"] == model.cfg.loss.center_lr
+    assert not {id(p) for p in centers} & {id(p) for p in specs["main"].params()}
     cls_ids = {id(p) for p in model.classifier_parameters()}
     assert id(model.neck.classifier.weight) in cls_ids and id(model.neck.bn.weight) in cls_ids
-    assert id(model.extra_criterion.weight) in cls_ids
+    assert id(model.loss.extra_criterion.weight) in cls_ids
     assert id(model.neck.bn.bias) not in cls_ids  # frozen
     backbone_ids = {id(p) for p in model.backbone.parameters()}
     assert not cls_ids & backbone_ids
 
     # an extra loss with the same name as the metric loss gets a distinct key
     model = make("bot", "loss.metric=circle", "loss.extra=circle")
-    assert set(model.compute_loss(model.train()(images), pids)) == {"ce", "circle", "extra_circle"}
+    out = model.train()({"images": images})
+    assert set(model.compute_loss(out, {"pids": pids})) == {"ce", "circle", "extra_circle"}
 
 
 @pytest.mark.parametrize("name", ["ide", "ide_bn", "bot", "agw"])
@@ -167,7 +176,7 @@ def test_losses_decrease_on_toy_batch(name):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     totals = []
     for _ in range(6):
-        losses = model.compute_loss(model(images), pids)
+        losses = model.compute_loss(model({"images": images}), {"pids": pids})
         total = sum(losses.values())
         assert torch.isfinite(total)
         totals.append(total.item())
@@ -184,7 +193,7 @@ def test_inference_only_model():
     assert infer.neck.classifier is None
     images, pids = toy_batch()
     with torch.no_grad():
-        assert infer(images).shape == (8, 512)
+        assert infer.encode({"images": images})["post_bn"].shape == (8, 512)
     infer.train()
     with pytest.raises(RuntimeError, match="num_classes=0"):
-        infer.compute_loss(infer(images), pids)
+        infer.compute_loss(infer({"images": images}), {"pids": pids})

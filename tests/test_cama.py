@@ -143,7 +143,7 @@ def test_pretrained_loaded_before_copy(tmp_path: Path) -> None:
 
 def test_training_outputs_and_cam_identity(images: torch.Tensor) -> None:
     model = make_cama().train()
-    out = model(images)
+    out = model({"images": images})
     n, b, d = 3, images.shape[0], model.feat_dim
     h, w = images.shape[2] // 16, images.shape[3] // 16
     assert out["feat_maps"].shape == (n, b, d, h, w)
@@ -180,8 +180,8 @@ def test_compute_loss_terms(images: torch.Tensor) -> None:
         "loss.label_smoothing=0.0", "model.cama.oap_k=3", "model.cama.oap_alpha=0.7"
     ).train()
     pids = torch.tensor([0, 1, 2, 2])
-    out = model(images)
-    terms = model.compute_loss(out, pids)
+    out = model({"images": images})
+    terms = model.compute_loss(out, {"pids": pids})
     assert set(terms) == {"ce_1", "ce_2", "ce_3", "oap"}
     for i in range(3):
         logp = F.log_softmax(out["branch_logits"][i], dim=-1)
@@ -203,13 +203,14 @@ def test_compute_loss_terms(images: torch.Tensor) -> None:
 
 def test_no_oap_term_without_alpha(images: torch.Tensor) -> None:
     model = make_cama("model.cama.oap_alpha=0").train()
-    assert set(model.compute_loss(model(images), torch.tensor([0, 1, 2, 3]))) == {
+    batch = {"images": images, "pids": torch.tensor([0, 1, 2, 3])}
+    assert set(model.compute_loss(model(batch), batch)) == {
         "ce_1",
         "ce_2",
         "ce_3",
     }
     one = make_cama("model.cama.num_branches=1").train()
-    assert set(one.compute_loss(one(images), torch.tensor([0, 1, 2, 3]))) == {"ce_1"}
+    assert set(one.compute_loss(one(batch), batch)) == {"ce_1"}
 
 
 def test_oap_step_reduces_overlap(images: torch.Tensor) -> None:
@@ -229,7 +230,7 @@ def test_oap_step_reduces_overlap(images: torch.Tensor) -> None:
 def test_eval_feature_is_concat_of_normalised_branch_gap(images: torch.Tensor) -> None:
     model = make_cama().eval()
     with torch.no_grad():
-        feat = model(images)
+        feat = model.encode({"images": images})["post_bn"]
         maps = model.forward_maps(images, torch.zeros(4, dtype=torch.long))
         want = torch.cat(
             [F.normalize(maps["feat_maps"][i].mean(dim=(-2, -1)), dim=1) for i in range(3)], dim=1
@@ -243,14 +244,17 @@ def test_eval_feature_is_concat_of_normalised_branch_gap(images: torch.Tensor) -
         # Table 5: the first n branches only
         two = make_cama("model.cama.test_branches=2").eval()
         two.load_state_dict(model.state_dict())
-        torch.testing.assert_close(two(images), feat[:, : 2 * model.feat_dim])
+        torch.testing.assert_close(
+            two.encode({"images": images})["post_bn"], feat[:, : 2 * model.feat_dim]
+        )
 
 
-def test_classifier_parameters_are_heads_only() -> None:
+def test_warm_phase_trains_only_the_classifiers() -> None:
+    """CAMA's warm phase: only W^i train (the paper fixes everything else)."""
     model = make_cama()
     got = {id(p) for p in model.classifier_parameters()}
-    want = {id(p) for m in (*model.classifiers, *model.bns) for p in m.parameters()}
-    assert got == want and len(got) == 3 * 3  # weight per classifier, weight+bias per BN
+    want = {id(p) for m in model.classifiers for p in m.parameters()}
+    assert got == want and len(got) == 3  # one weight per classifier, no BN
 
 
 @pytest.mark.parametrize(
@@ -303,7 +307,7 @@ def test_detach_threshold_option(images: torch.Tensor) -> None:
         model = make_cama(f"model.cama.oap_detach_threshold={flag}").eval()
         loss = model.compute_loss(
             {**model.forward_maps(images, pids), "branch_logits": torch.zeros(3, 4, NUM_CLASSES)},
-            pids,
+            {"pids": pids},
         )["oap"]
         loss.backward()
         values.append(loss.item())

@@ -219,7 +219,7 @@ def test_training_outputs_and_loss_on_revised_logits(bot_cge):
     images, pids = _batch()
     with torch.no_grad():
         model.memory.copy_(_unit(3, 4, model.backbone.out_channels, seed=20))
-    out = model(images)
+    out = model({"images": images})
     assert out["stripe_feats"].shape == (3, 8, model.backbone.out_channels)
     torch.testing.assert_close(out["stripe_feats"].norm(dim=-1), torch.ones(3, 8))
     # stripe features are the GAP of the map's thirds, normalised
@@ -230,9 +230,9 @@ def test_training_outputs_and_loss_on_revised_logits(bot_cge):
     )
     torch.testing.assert_close(out["stripe_feats"], ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(
-        out["revised_logits"], revise_logits(out["logits"], out["stripe_feats"], model.memory)
+        out["revised_logits"], revise_log_probs(out["logits"], out["stripe_feats"], model.memory)
     )
-    losses = model.compute_loss(out, pids)
+    losses = model.compute_loss(out, {"pids": pids})
     ce_ref = F.cross_entropy(out["revised_logits"], pids, label_smoothing=0.1)
     assert set(losses) == {"ce", "triplet"}
     torch.testing.assert_close(losses["ce"], ce_ref, rtol=1e-5, atol=1e-6)
@@ -250,9 +250,9 @@ def test_inference_ignores_memories(bot_cge):
     images, _ = _batch(seed=3)
     with torch.no_grad():
         model.memory.zero_()
-        a = model(images)
+        a = model.encode({"images": images})["post_bn"]
         model.memory.copy_(_unit(3, 4, model.backbone.out_channels, seed=21))
-        b = model(images)
+        b = model.encode({"images": images})["post_bn"]
     assert isinstance(a, torch.Tensor) and a.dim() == 2
     torch.testing.assert_close(a, b)
     # and equals the plain baseline with the same weights (memories dropped)
@@ -261,7 +261,7 @@ def test_inference_ignores_memories(bot_cge):
     base.load_state_dict(state)
     base.eval()
     with torch.no_grad():
-        torch.testing.assert_close(base(images), a)
+        torch.testing.assert_close(base.encode({"images": images})["post_bn"], a)
     model.train()
 
 
@@ -274,9 +274,9 @@ def test_hooks_set_momentum_and_write_memory(bot_cge):
     assert float(model.momentum) == pytest.approx(0.25)
     images = _batch()[0][:4]
     pids = torch.tensor([1, 1, 3, 3])
-    out = model(images)
+    out = model({"images": images})
     with torch.no_grad():
-        model.on_step_end(out, pids)
+        model.on_step_end(out, {"pids": pids})
     mean = out["stripe_feats"].detach()[:, :2].mean(dim=1)
     torch.testing.assert_close(model.memory[:, 1], F.normalize(mean, dim=-1))
     assert float(model.memory[:, [0, 2]].abs().sum()) == 0.0
@@ -296,7 +296,7 @@ def test_agw_gem_stripes_share_learned_p():
     model.train()
     with torch.no_grad():
         model.pool.p.fill_(2.0)
-    out = model(_batch()[0])
+    out = model({"images": _batch()[0]})
     fm = out["feat_map"].float()
     h = fm.shape[2] // 3
     ref = torch.stack(
@@ -310,7 +310,7 @@ def test_agw_gem_stripes_share_learned_p():
     torch.testing.assert_close(out["stripe_feats"], ref, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         model.memory.copy_(_unit(3, 4, model.backbone.out_channels, seed=22))
-    out = model(_batch()[0])
+    out = model({"images": _batch()[0]})
     out["revised_logits"].sum().backward()
     assert model.pool.p.grad is not None and float(model.pool.p.grad.abs()) > 0
 
@@ -319,7 +319,7 @@ def test_feature_level_and_no_glr_variants():
     torch.manual_seed(2)
     model = build_method(_cfg("model.cge.revise_level=feature"), 4)
     model.train()
-    out = model(_batch()[0])
+    out = model({"images": _batch()[0]})
     maps = model.class_conv(out["feat_map"])
     torch.testing.assert_close(out["logits"], maps.mean(dim=(2, 3)))
     torch.testing.assert_close(
@@ -330,24 +330,29 @@ def test_feature_level_and_no_glr_variants():
     probs = build_method(_cfg("model.cge.revise_target=probs"), 4).train()
     with torch.no_grad():
         probs.memory.copy_(_unit(3, 4, probs.backbone.out_channels, seed=24))
-    out = probs(_batch()[0])
+    out = probs({"images": _batch()[0]})
     w = glr_weights(out["stripe_feats"], probs.memory)
     p_hat = torch.softmax(out["logits"], 1) * w
     torch.testing.assert_close(
         torch.softmax(out["revised_logits"], 1), p_hat / p_hat.sum(1, keepdim=True)
     )
     plain = build_method(_cfg("model.cge.glr=false"), 4).train()
-    out = plain(_batch()[0])
+    out = plain({"images": _batch()[0]})
     torch.testing.assert_close(out["revised_logits"], out["logits"])
 
 
 def test_detach_weights_stops_gradient_through_w():
     torch.manual_seed(3)
     for detach in (True, False):
-        model = build_method(_cfg(f"model.cge.detach_weights={str(detach).lower()}"), 4).train()
+        model = build_method(
+            _cfg(
+                f"model.cge.detach_weights={str(detach).lower()}", "model.cge.revise_target=logits"
+            ),
+            4,
+        ).train()
         with torch.no_grad():
             model.memory.copy_(_unit(3, 4, model.backbone.out_channels, seed=23))
-        out = model(_batch()[0])
+        out = model({"images": _batch()[0]})
         w = glr_weights(out["stripe_feats"].detach(), model.memory)
         torch.testing.assert_close(out["revised_logits"], out["logits"] * w)
         (grad,) = torch.autograd.grad(
@@ -391,3 +396,48 @@ def test_memory_write_uses_all_ranks():
         memory, gp = result[rank]
         assert gp.tolist() == [0, 1, 1, 2, 0]
         torch.testing.assert_close(memory, ref)
+
+
+# ------------------------------------------------------- faithfulness fixes (issue 9)
+def test_glr_probs_lowers_easy_sample_loss_as_fig3():
+    """Fig. 3: the revise lowers the CE of an easy sample (every stripe memory agrees with
+    the label). Only the probability reading (the default) does that; the literal logits
+    reading raises it (every logit is scaled by w < 1)."""
+    n, num_classes, c = 3, 5, 8
+    memory = F.normalize(_rand(n, num_classes, c, seed=40), dim=-1)
+    label = 2
+    stripes = memory[:, [label]].clone()  # cos 1 with the label's slots: w_label is the max
+    logits = torch.tensor([[0.5, -1.0, 4.0, 0.2, -0.3]])  # confident on the label
+    target = torch.tensor([label])
+    plain = F.cross_entropy(logits, target)
+    probs = F.cross_entropy(revise_log_probs(logits, stripes, memory), target)
+    literal = F.cross_entropy(revise_logits(logits, stripes, memory), target)
+    assert probs < plain < literal
+    # and a hard sample (stripes agree with another class) gets a higher loss
+    hard = F.cross_entropy(revise_log_probs(logits, memory[:, [0]].clone(), memory), target)
+    assert hard > probs
+    # the default is the probability reading
+    assert build_method(_cfg(), 4).revise_target == "probs"
+
+
+def test_momentum_rampup_option():
+    assert momentum_at("rampup", 0, 100) == pytest.approx(math.exp(-5.0))
+    assert momentum_at("rampup", 100, 100) == pytest.approx(1.0)
+    assert momentum_at("rampup", 50, 100) == pytest.approx(math.exp(-5 * 0.25))
+    # the printed Eq. 12 is kept as "exponential"
+    assert momentum_at("exponential", 0, 100) == pytest.approx(math.exp(-5 * (1 / 100) ** 2))
+
+
+def test_cge_configs_use_soft_margin_and_pre_bn_feature():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in (
+        "cge/bot_market1501.yaml",
+        "cge/bot_market1501_baseline.yaml",
+        "synth/cge_bot.yaml",
+    ):
+        cfg = load_config(root / name)
+        assert cfg.loss.metric == "soft_triplet", name
+        assert cfg.test.feature == "pre_bn" and cfg.loss.triplet_feature == "pre_bn", name
+    assert load_config(root / "cge/bot_market1501_baseline.yaml").model.name == "bot"

@@ -122,7 +122,7 @@ def _conv_linear_macs(model: nn.Module, x: torch.Tensor) -> int:
         if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
     with torch.no_grad():
-        model(x)
+        model.encode({"images": x})
     for h in handles:
         h.remove()
     return total

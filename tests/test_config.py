@@ -99,6 +99,7 @@ def test_overrides_are_yaml_typed(tmp_path):
             "data.mean=[0.5, 0.5, 0.5]",
             "model.pretrained=null",
             "model.non_local_layers.layer2=[1]",
+            "model.name=cama",
             "model.cama.num_branches=2",
             "solver.grad_clip=5",
         ],

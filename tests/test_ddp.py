@@ -34,9 +34,16 @@ WORKER = textwrap.dedent(
     from reidkit.engine import train
     from reidkit.engine import distributed as du
 
+    import dataclasses
     built = []
-    real = base._METHODS["_engine_fake"]
-    base._METHODS["_engine_fake"] = lambda cfg, n: built.append(real(cfg, n)) or built[-1]
+    spec = base._METHODS["_engine_fake"]
+
+    class Recorded(spec.cls):
+        def __init__(self, cfg, n):
+            super().__init__(cfg, n)
+            built.append(self)
+
+    base._METHODS["_engine_fake"] = dataclasses.replace(spec, cls=Recorded)
 
     rank = int(os.environ["RANK"])
     # 1. a gather of variable-length tensors across ranks, in a group of our own

@@ -156,11 +156,11 @@ def test_center_loss_optimizer_undoes_the_loss_weight(data_root, tmp_path):
         }
         cfg = fake_config(data_root, tmp_path / f"c{w}", **over)
         run = train(cfg, progress=False)
-        centers[w] = load_checkpoint(run / "checkpoints" / "last.pt")["model"]["centers"]
+        centers[w] = load_checkpoint(run / "checkpoints" / "last.pt")["model"]["center.centers"]
     seed_everything(0)
     init = FakeMethod(
         fake_config(data_root, tmp_path / "x", **{"loss.center_weight": 0.01}), 8
-    ).centers.detach()
+    ).center.centers.detach()
     assert not torch.allclose(centers[0.01], init)
     torch.testing.assert_close(centers[0.01], centers[0.001], atol=1e-5, rtol=1e-4)
 
@@ -194,7 +194,7 @@ def test_extract_features_flip_and_normalize(feature):
     cfg = load_config(None, ["loss.center_weight=0"])
     model = FakeMethod(cfg, 5)
     model.train()
-    model(torch.randn(8, 3, 16, 8))  # move the BN running stats away from the identity
+    model({"images": torch.randn(8, 3, 16, 8)})  # move the BN running stats away from the identity
     images = torch.randn(7, 3, 16, 8)
     fs = extract_features(model, _batches(images, 3), "cpu", flip=True, feature=feature)
     assert model.training  # mode restored

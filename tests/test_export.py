@@ -134,7 +134,7 @@ def test_methods_export_and_agree(tmp_path, extra):
     assert result.rel_diff <= 1e-4
     x = torch.randn(3, 3, 64, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        ref = model(x)  # the method's own eval forward (its test feature)
+        ref = model.encode({"images": x})[cfg.test.feature]  # the method's own test feature
     if cfg.test.normalize:
         ref = F.normalize(ref, dim=1)
     got = run_onnx(out, x)

@@ -85,11 +85,14 @@ def test_train_batch_dict_shapes_and_dtypes(records):
     assert (pids[:, 0] == pids[:, 1]).all() and len(set(pids[:, 0].tolist())) == 4
 
 
-def test_keypoints_only_when_all_records_have_them(records, tmp_path):
+def test_keypoints_all_or_none_never_dropped_silently(records, tmp_path):
+    from reidkit.data.loader import CollateError
+
     plain = write_images(tmp_path, num_ids=2, per_id=2, keypoints=False)
+    assert "keypoints" not in next(iter(build_test_loader(make_cfg(), plain)))
     loader = build_test_loader(make_cfg(), records[:3] + plain)
-    batch = next(iter(loader))
-    assert "keypoints" not in batch
+    with pytest.raises(CollateError, match="disagree on 'keypoints'"):
+        next(iter(loader))
     loader = build_test_loader(make_cfg(), records[:5])
     batch = next(iter(loader))
     assert batch["keypoints"].shape == (5, 17, 3)

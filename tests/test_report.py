@@ -114,7 +114,8 @@ def report_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     q_img = base[q_pids] + 0.8 * torch.randn(8, 3, 64, 32, generator=g)
     g_img = base[g_pids] + 0.8 * torch.randn(20, 3, 64, 32, generator=g)
     with torch.no_grad():
-        distmat = 1 - model(q_img) @ model(g_img).t() / BRANCHES
+        qf = model.encode({"images": q_img})["post_bn"]
+        distmat = 1 - qf @ model.encode({"images": g_img})["post_bn"].t() / BRANCHES
     out = tmp_path_factory.mktemp("report") / "report.html"
 
     def load_images(qi, gi):
@@ -239,7 +240,7 @@ def test_report_uses_eval_feature_cosine() -> None:
     model = tiny_cama()
     imgs = torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        feats = model(imgs)
+        feats = model.encode({"images": imgs})["post_bn"]
         maps = feature_maps(model, imgs)
     agg = aggregate_ranking_activation_map(maps[:, 0].mean(dim=(-2, -1)), maps[:, 1:])
     torch.testing.assert_close(
@@ -257,7 +258,7 @@ def test_report_for_single_head_baseline(tmp_path: Path) -> None:
     imgs = torch.randn(6, 3, 64, 32, generator=torch.Generator().manual_seed(4))
     pids, cams = torch.tensor([0, 1, 0, 1, 0, 1]), torch.tensor([0, 0, 1, 1, 2, 2])
     with torch.no_grad():
-        feats = F.normalize(model(imgs), dim=1)
+        feats = F.normalize(model.encode({"images": imgs})["post_bn"], dim=1)
     dist = 1 - feats[:2] @ feats.t()
     out = build_ranking_report(
         model, lambda qi, gi: (imgs[qi], imgs[gi]), dist, pids[:2], pids, cams[:2], cams,

@@ -4,6 +4,7 @@ a non-finite loss stops the run and keeps the last good checkpoint."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -111,12 +112,13 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path
     torch.set_num_threads(1)
     steps_before_nan = 4 * 2 + 3  # 2 epochs of 4 iterations, then 3rd iteration of epoch 3
 
-    def build(cfg, n):
-        model = FakeMethod(cfg, n)
-        model.nan_at_step = steps_before_nan
-        return model
+    class NaNAfter(FakeMethod):
+        def __init__(self, cfg, n):
+            super().__init__(cfg, n)
+            self.nan_at_step = steps_before_nan
 
-    monkeypatch.setitem(method_base._METHODS, "_engine_fake", build)
+    spec = method_base._METHODS["_engine_fake"]
+    monkeypatch.setitem(method_base._METHODS, "_engine_fake", replace(spec, cls=NaNAfter))
     cfg = fake_config(data_root, tmp_path / "run")
     with pytest.raises(NonFiniteLossError) as err:
         train(cfg, progress=False)

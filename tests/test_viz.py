@@ -71,7 +71,7 @@ def test_aggregate_ram_mean_is_cama_cosine() -> None:
     model = tiny_cama()
     images = torch.randn(3, 3, 64, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        feats = model(images)  # (3, N*d), concat of normalised branch features
+        feats = model.encode({"images": images})["post_bn"]  # (3, N*d), normalised branches
         maps = feature_maps(model, images)  # (N, 3, d, h, w)
     agg = aggregate_ranking_activation_map(maps[:, 0].mean(dim=(-2, -1)), maps[:, 1:])
     cos = F.cosine_similarity(feats[:1], feats[1:], dim=-1)
@@ -167,7 +167,7 @@ def test_real_baseline_if_available() -> None:
     model = build_method(cfg, 5)
     images = torch.randn(4, 3, 64, 32)
     model.train()
-    model(images)  # one BN update so that the running statistics are not the identity
+    model({"images": images})  # one BN update so the running statistics are not the identity
     model.eval()
     with torch.no_grad():
         _, logits = model.neck(model.pool(model.backbone(images)).flatten(1))

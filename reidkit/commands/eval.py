@@ -1,6 +1,7 @@
 """``reidkit eval``: evaluate trained weights on a config's dataset.
 
     reidkit eval -c CONFIG --weights runs/x/checkpoints/best.pt [--rerank] [--save-features DIR]
+                 [--occlude 0.5]
 
 Prints the CMC / mAP / mINP table. ``--save-features DIR`` writes ``DIR/query.safetensors``
 and ``DIR/gallery.safetensors`` (+ ``.json`` sidecars with the image paths), loadable with
@@ -23,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from reidkit.engine import distributed as dist_utils
     from reidkit.engine import evaluate_model, load_model
 
+    if not 0.0 <= args.occlude <= 1.0:
+        raise ValueError(f"--occlude must be a probability in [0, 1], got {args.occlude}")
     cfg = _common.load_config_from_args(args)
     weights = _common.resolve_weights_file(args.weights)
     info, device = dist_utils.init_from_env(cfg.device)
@@ -33,12 +36,24 @@ def run(args: argparse.Namespace) -> int:
         if cfg.channels_last:
             model.to(memory_format=__import__("torch").channels_last)
         result = evaluate_model(
-            cfg, model, dataset, device, rerank=args.rerank or None, progress=info.is_main
+            cfg,
+            model,
+            dataset,
+            device,
+            rerank=args.rerank or None,
+            progress=info.is_main,
+            occlusion_p=args.occlude,
         )
         ok = True
         if result is None:  # rank > 0 under torchrun
             return 0
-        title = f"{dataset.name} {'re-ranked' if result.rerank else ''}".strip()
+        for note in result.notes:
+            print(note)
+        tags = [
+            "re-ranked" if result.rerank else "",
+            f"occluded p={args.occlude:g}" if args.occlude else "",
+        ]
+        title = " ".join([dataset.name, *[t for t in tags if t]])
         print(result.table(title=title))
         if args.save_features:
             out = Path(args.save_features)
@@ -59,6 +74,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common.add_config_arguments(p, weights=True)
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (test.rerank_*)")
     p.add_argument("--save-features", metavar="DIR", help="write query/gallery features here")
+    p.add_argument(
+        "--occlude",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="occlusion test: erase a random box of each query and gallery image with "
+        "probability P (seeded random erasing, as MGRe's Table 6); default 0",
+    )
     _common.add_num_classes_argument(p)
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     _common.add_debug_argument(p)

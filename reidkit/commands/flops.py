@@ -21,6 +21,13 @@ from reidkit.commands import _common
 __all__ = ["add_parser", "run", "count_flops", "measure_latency"]
 
 
+def _test_forward(model, x):
+    """The test-time computation: ``encode`` for reidkit methods, ``forward`` otherwise."""
+    if hasattr(model, "encode"):
+        return model.encode({"images": x}, "query")
+    return model(x)
+
+
 def count_flops(model, image_shape: tuple[int, int, int], device) -> int:
     """FLOPs of one eval-mode forward of a single image ``(3, H, W)``."""
     import torch
@@ -29,7 +36,7 @@ def count_flops(model, image_shape: tuple[int, int, int], device) -> int:
     x = torch.zeros(1, *image_shape, device=device)
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
+        _test_forward(model, x)
     return int(counter.get_total_flops())
 
 
@@ -49,7 +56,7 @@ def measure_latency(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t = time.perf_counter()
-            model(x)
+            _test_forward(model, x)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i >= warmup:

@@ -23,11 +23,11 @@ __all__ = ["add_parser", "run"]
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from reidkit import metrics as M
     from reidkit.data.datasets import dataset_from_config
     from reidkit.data.loader import build_test_loader
     from reidkit.engine import evaluate_model, load_model
     from reidkit.engine.distributed import resolve_device
+    from reidkit.engine.evaluator import result_distances
     from reidkit.viz.report import build_ranking_report
 
     if args.queries < 1 or args.topk < 1:
@@ -41,17 +41,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(cfg, weights, num_classes=args.num_classes, device=device)
     result = evaluate_model(cfg, model, dataset, device, progress=not args.no_progress)
     q, g = result.query, result.gallery
-    if result.rerank:
-        distmat = M.re_ranking(
-            q.feats,
-            g.feats,
-            k1=cfg.test.rerank_k1,
-            k2=cfg.test.rerank_k2,
-            lambda_value=cfg.test.rerank_lambda,
-        )
-    else:
-        distmat = M.compute_distance(q.feats, g.feats, cfg.test.metric)
-    distmat = torch.as_tensor(distmat).float().cpu()
+    distmat = result_distances(cfg, model, result)
+    for note in result.notes:
+        print(note)
     print(result.table(title=f"{dataset.name}"))
 
     # single-process loading of the few images of each ranking row
@@ -67,12 +59,8 @@ def run(args: argparse.Namespace) -> int:
     subtitle = (
         f"weights {weights} · {len(dataset.query)} queries, {len(dataset.gallery)} gallery images"
     )
-    if int(getattr(model, "num_branches", 1)) > 1:
-        from reidkit.viz.overlap import branch_overlap
-
-        overlap = branch_overlap(
-            model, build_test_loader(row_cfg, dataset.query), max_batches=4, device=device
-        )
+    if "branch_overlap" in result.metrics:
+        overlap = result.metrics["branch_overlap"]
         subtitle += f" · branch overlap (mean top-k CAM IoU, first queries) {overlap:.3f}"
     out = Path(args.out) / "report.html"
     build_ranking_report(

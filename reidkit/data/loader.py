@@ -37,6 +37,8 @@ from .transforms import (
 )
 
 __all__ = [
+    "CollateError",
+    "batch_keys",
     "CorruptImageError",
     "ImageDataset",
     "SeededSampler",
@@ -234,9 +236,28 @@ def _stack(tensors: list[Tensor]) -> Tensor:
     return torch.stack(tensors, out=out)
 
 
+class CollateError(ValueError):
+    """Items of one batch disagree on their keys; the message names the item."""
+
+
+#: item key -> batch key, for the optional per-item tensors collate_reid stacks
+_OPTIONAL_KEYS = {"keypoints": "keypoints", "erase_box": "erase_boxes"}
+
+
+def batch_keys(records: Sequence[Any]) -> set[str]:
+    """The batch keys a loader over ``records`` provides (what ``ReIDMethod.requires`` is
+    checked against): ``images``, ``pids``, ``camids``, ``index``, ``paths``, plus
+    ``keypoints`` when every record has ``extras["keypoints"]``."""
+    keys = {"images", "pids", "camids", "index", "paths"}
+    if records and all(r.extras and r.extras.get("keypoints") is not None for r in records):
+        keys.add("keypoints")
+    return keys
+
+
 def collate_reid(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     """Stack dataset items into the batch dict (``None`` items, i.e. skipped images, are
-    dropped). ``keypoints`` is included only when every item has it."""
+    dropped). An optional key (``keypoints``) is never dropped silently: either every item
+    has it, or :class:`CollateError` names the first item without it."""
     kept = [it for it in items if it is not None]
     if not kept:
         return {
@@ -253,10 +274,18 @@ def collate_reid(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         "paths": [it["path"] for it in kept],
         "index": torch.tensor([it["index"] for it in kept], dtype=torch.long),
     }
-    if all("keypoints" in it for it in kept):
-        batch["keypoints"] = torch.stack([it["keypoints"] for it in kept])
-    if all("erase_box" in it for it in kept):
-        batch["erase_boxes"] = torch.stack([it["erase_box"] for it in kept])
+    for key, batch_key in _OPTIONAL_KEYS.items():
+        have = [key in it for it in kept]
+        if all(have):
+            batch[batch_key] = torch.stack([it[key] for it in kept])
+        elif any(have):
+            lacking = kept[have.index(False)]
+            owner = kept[have.index(True)]
+            raise CollateError(
+                f"batch items disagree on '{key}': {owner.get('path')} has it, "
+                f"{lacking.get('path')} (index {lacking.get('index')}) does not; every record "
+                f"of a dataset must have '{key}' or none"
+            )
     return batch
 
 

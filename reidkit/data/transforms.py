@@ -48,6 +48,7 @@ __all__ = [
     "RandomErasing",
     "to_uint8_tensor",
     "image_size",
+    "flip_keypoints",
     "build_train_transforms",
     "build_test_transforms",
 ]
@@ -80,6 +81,14 @@ def _flip_index(num: int = 17) -> list[int]:
 
 #: ``kpts[COCO_FLIP_INDEX]`` swaps the left and right keypoints of a mirrored person.
 COCO_FLIP_INDEX: list[int] = _flip_index()
+
+
+def flip_keypoints(keypoints: Tensor, width: int) -> Tensor:
+    """Keypoints ``(..., 17, 3)`` of an image mirrored left-right: ``x -> W - x`` and the
+    COCO left/right indices swapped (a new tensor; visibility is kept)."""
+    out = keypoints[..., COCO_FLIP_INDEX, :].clone()
+    out[..., 0] = width - out[..., 0]
+    return out
 
 
 # ----------------------------------------------------------------------------- helpers

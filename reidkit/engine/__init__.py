@@ -3,7 +3,8 @@
 from reidkit.engine.checkpoint import atomic_save, load_checkpoint, load_model
 from reidkit.engine.evaluator import EvalResult, evaluate_feature_sets, evaluate_model
 from reidkit.engine.extract import FeatureSet, extract_features
-from reidkit.engine.trainer import NonFiniteLossError, train
+from reidkit.engine.step import NonFiniteLossError, StepContext
+from reidkit.engine.trainer import Trainer, train
 
 __all__ = [
     "train",
@@ -14,6 +15,8 @@ __all__ = [
     "EvalResult",
     "FeatureSet",
     "NonFiniteLossError",
+    "StepContext",
+    "Trainer",
     "atomic_save",
     "load_checkpoint",
 ]

@@ -7,10 +7,14 @@ unpickled). Writes go to a temporary file in the same folder, are ``fsync``-ed, 
 
 Layout of a training checkpoint (``checkpoints/last.pt``)::
 
-    {"format": "reidkit.checkpoint/1", "model": state_dict, "num_classes": int,
-     "optimizer": ..., "warm_optimizer": ... | None, "aux_optimizer": ... | None,
-     "scheduler": {...}, "scaler": {...} | None, "epoch": int (last finished, 0-based),
-     "global_step": int, "rng": {...}, "best": {...} | None, "config": dict}
+    {"format": "reidkit.checkpoint/2", "model": state_dict, "num_classes": int,
+     "optimizers": {name: state}, "schedulers": {name: state}, "scaler": {...} | None,
+     "hooks": {hook name: state}, "epoch": int (last finished, 0-based),
+     "global_step": int, "train_time_s": float, "rng": {...}, "best": {...} | None,
+     "config": dict}
+
+Version 1 files (one ``optimizer`` plus ``warm_optimizer`` / ``aux_optimizer``) are
+upgraded on resume by :func:`upgrade_training_state`.
 """
 
 from __future__ import annotations
@@ -30,10 +34,14 @@ __all__ = [
     "get_rng_state",
     "set_rng_state",
     "extract_state_dict",
+    "upgrade_training_state",
+    "clean_stale_tmp",
+    "resolve_weights",
     "CHECKPOINT_FORMAT",
 ]
 
-CHECKPOINT_FORMAT = "reidkit.checkpoint/1"
+CHECKPOINT_FORMAT = "reidkit.checkpoint/2"
+_FORMATS = ("reidkit.checkpoint/1", CHECKPOINT_FORMAT)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -67,6 +75,82 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def clean_stale_tmp(folder: str | Path) -> list[Path]:
+    """Remove ``.NAME.tmp-PID`` files that :func:`atomic_save` left behind when its process
+    was killed mid-write (a live writer's PID is left alone). Returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for tmp in folder.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours
+        return True
+    return True
+
+
+def upgrade_training_state(state: dict, path: str | Path = "checkpoint") -> dict:
+    """A training checkpoint in the current layout (version 1 files are converted:
+    ``optimizer`` -> ``optimizers["main"]``, ``warm_optimizer`` -> ``"warm"``,
+    ``aux_optimizer`` -> ``"center"``, ``best`` -> the eval hook's state)."""
+    fmt = state.get("format")
+    if fmt not in _FORMATS or "epoch" not in state or "rng" not in state:
+        raise ValueError(f"{path}: not a reidkit training checkpoint (format {fmt!r})")
+    if fmt == CHECKPOINT_FORMAT:
+        return state
+    optimizers = {"main": state["optimizer"]}
+    schedulers = {"main": state["scheduler"]}
+    if state.get("warm_optimizer") is not None:
+        optimizers["warm"] = state["warm_optimizer"]
+        schedulers["warm"] = state["warm_scheduler"]
+    if state.get("aux_optimizer") is not None:
+        optimizers["center"] = state["aux_optimizer"]
+        schedulers["center"] = {"last_epoch": -1.0}
+    out = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}
+    out.update(
+        format=CHECKPOINT_FORMAT,
+        optimizers=optimizers,
+        schedulers=schedulers,
+        hooks={"eval": {"best": state.get("best"), "last": None}},
+    )
+    return out
+
+
+def resolve_weights(weights: str | Path) -> Path:
+    """A weights file from a path: files are returned as they are; a run folder (or its
+    ``checkpoints/`` folder) gives ``checkpoints/best.pt``, else ``last.pt``.
+
+    Raises:
+        FileNotFoundError: naming the path (and what was looked for in a folder).
+    """
+    p = Path(weights)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        folders = [p / "checkpoints", p] if p.name != "checkpoints" else [p]
+        for folder in folders:
+            for name in ("best.pt", "last.pt"):
+                if (folder / name).is_file():
+                    return folder / name
+        raise FileNotFoundError(
+            f"weights: {p} is a folder without checkpoints/best.pt or checkpoints/last.pt "
+            "(pass a run folder or a .pt/.pth/.safetensors file)"
+        )
+    raise FileNotFoundError(f"weights file not found: {p}")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -3,6 +3,7 @@ compute CMC / mAP / mINP with :mod:`reidkit.metrics`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,13 @@ from reidkit.data.records import ImageRecord, ReIDDataset
 from reidkit.engine import distributed as dist_utils
 from reidkit.engine.extract import FeatureSet, extract_features
 
-__all__ = ["EvalResult", "evaluate_model", "evaluate_feature_sets", "extract_records"]
+__all__ = [
+    "EvalResult",
+    "evaluate_model",
+    "evaluate_feature_sets",
+    "extract_records",
+    "result_distances",
+]
 
 
 @dataclass
@@ -32,6 +39,7 @@ class EvalResult:
     gallery: FeatureSet | None = None
     raw: Any = field(default=None, repr=False)
     rerank: bool = False
+    notes: list[str] = field(default_factory=list)
 
     def table(self, title: str = "") -> str:
         """The metrics as a printable table (``reidkit.metrics.format_metrics_table``)."""
@@ -64,10 +72,18 @@ def evaluate_feature_sets(
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
+    distance_fn: Callable[[FeatureSet, FeatureSet], torch.Tensor] | None = None,
+    chunk_size: int = 256,
 ) -> EvalResult:
     """Metrics of ``query`` against ``gallery`` features (optionally k-reciprocal re-ranked,
-    with ``metric`` as the base distance)."""
-    from reidkit.metrics.rank import evaluate_features, evaluate_rank
+    with ``metric`` as the base distance).
+
+    ``distance_fn(query_chunk, gallery) -> (q, G)`` replaces the vector distance (a
+    method's own pairwise score, e.g. CAN's cross-attention re-scoring); it is called for
+    ``chunk_size`` queries at a time and each block is ranked at once, so memory stays
+    ``O(chunk_size * G)``.
+    """
+    from reidkit.metrics.rank import RankAccumulator, evaluate_features, evaluate_rank
     from reidkit.metrics.rerank import re_ranking_features
 
     q_camids, g_camids = query.camids, gallery.camids
@@ -75,6 +91,30 @@ def evaluate_feature_sets(
         # No camera ids (e.g. a custom dataset without them): filtering "same pid and same
         # camera" would drop every true match, so evaluate without camera filtering.
         q_camids = g_camids = None
+    if distance_fn is not None:
+        if rerank:
+            raise ValueError(
+                "test.rerank: k-reciprocal re-ranking needs vector distances; this method "
+                "scores query-gallery pairs itself (set test.rerank=false)"
+            )
+        acc = RankAccumulator(
+            gallery.pids, g_camids, max_rank, "standard", None, torch.device("cpu")
+        )
+        for s in range(0, len(query), chunk_size):
+            block = distance_fn(query[s : s + chunk_size], gallery).detach().float().cpu()
+            expected = (min(chunk_size, len(query) - s), len(gallery))
+            if tuple(block.shape) != expected:
+                raise ValueError(
+                    f"pairwise_distance returned {tuple(block.shape)}, expected {expected}"
+                )
+            acc.update(
+                block,
+                query.pids[s : s + chunk_size],
+                None if q_camids is None else q_camids[s : s + chunk_size],
+            )
+        raw = acc.result()
+        metrics, cmc = _summary(raw)
+        return EvalResult(metrics, cmc, query, gallery, raw, False)
     if rerank:
         distmat = re_ranking_features(
             query.feats, gallery.feats, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric
@@ -103,9 +143,13 @@ def extract_records(
     records: list[ImageRecord],
     device: torch.device,
     progress: bool = False,
+    role: str = "gallery",
+    occlusion_p: float = 0.0,
 ) -> FeatureSet:
-    """Features of ``records`` in order; under DDP each rank extracts a contiguous shard
-    and the shards are all-gathered, so every rank returns the full set."""
+    """Features of ``records`` in order, encoded in ``role`` (``query`` / ``gallery``);
+    under DDP each rank extracts a contiguous shard and the shards are all-gathered, so
+    every rank returns the full set. ``occlusion_p``: seeded random erasing of the test
+    images (the occlusion test)."""
     from reidkit.data.loader import build_test_loader
 
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
@@ -113,7 +157,7 @@ def extract_records(
     if world > 1 and len(records) >= world:
         start, end = dist_utils.shard_bounds(len(records), rank, world)
         shard = records[start:end]
-    loader = build_test_loader(cfg, shard)
+    loader = build_test_loader(cfg, shard, occlusion_p=occlusion_p)
     fs = extract_features(
         model,
         loader,
@@ -124,10 +168,12 @@ def extract_records(
         amp=cfg.amp,
         channels_last=cfg.channels_last,
         progress=progress,
+        role=role,
     )
-    feats = fs.feats
+    feats, extras = fs.feats, fs.extras
     if world > 1 and len(records) >= world:
         feats = dist_utils.all_gather_variable(feats.to(device)).cpu()
+        extras = {k: dist_utils.all_gather_variable(v.to(device)).cpu() for k, v in extras.items()}
     if feats.shape[0] != len(records):
         raise RuntimeError(
             f"extract_records: got {feats.shape[0]} features for {len(records)} images "
@@ -137,8 +183,17 @@ def extract_records(
         feats,
         torch.tensor([r.pid for r in records], dtype=torch.long),
         torch.tensor([r.camid for r in records], dtype=torch.long),
-        [r.path for r in records],
+        [_record_path(r) for r in records],
+        extras,
     )
+
+
+def _record_path(record: Any) -> str:
+    path = getattr(record, "path", None)
+    if path is None:  # a tracklet: named by its first frame
+        frames = getattr(record, "paths", None) or getattr(record, "frames", None) or [""]
+        path = frames[0]
+    return str(path)
 
 
 def evaluate_model(
@@ -148,10 +203,15 @@ def evaluate_model(
     device: str | torch.device | None = None,
     rerank: bool | None = None,
     progress: bool = False,
+    occlusion_p: float = 0.0,
 ) -> EvalResult | None:
-    """Extract ``dataset.query`` / ``dataset.gallery`` features with ``cfg.test`` options and
-    evaluate them. Under DDP every rank must call this; rank 0 gets the result, the other
-    ranks ``None``. ``rerank`` defaults to ``cfg.test.rerank``."""
+    """Extract ``dataset.query`` (role ``query``) and ``dataset.gallery`` (role
+    ``gallery``) with ``cfg.test`` options and evaluate them: with the method's own
+    ``pairwise_distance`` when it has one, else ``test.metric`` on the vectors. The
+    method's ``eval_extras`` are added to ``metrics`` and ``notes`` (for the caller to
+    print). Under DDP every rank must call this; rank 0 gets the result, the other ranks
+    ``None``. ``rerank`` defaults to ``cfg.test.rerank``; ``occlusion_p`` erases a random
+    box of each test image with that probability (seeded; MGRe's occlusion test)."""
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
@@ -160,37 +220,63 @@ def evaluate_model(
             f"dataset '{dataset.name}' at {dataset.root}: empty query ({len(dataset.query)}) "
             f"or gallery ({len(dataset.gallery)}) split"
         )
-    query = extract_records(cfg, model, dataset.query, device, progress)
-    gallery = extract_records(cfg, model, dataset.gallery, device, progress)
+    query = extract_records(cfg, model, dataset.query, device, progress, "query", occlusion_p)
+    gallery = extract_records(cfg, model, dataset.gallery, device, progress, "gallery", occlusion_p)
     if dist_utils.get_rank() != 0:
         return None
-    result = evaluate_feature_sets(
-        query,
-        gallery,
-        metric=cfg.test.metric,
-        max_rank=cfg.test.max_rank,
-        rerank=cfg.test.rerank if rerank is None else rerank,
-        k1=cfg.test.rerank_k1,
-        k2=cfg.test.rerank_k2,
-        lambda_value=cfg.test.rerank_lambda,
-    )
-    if int(getattr(model, "num_branches", 1)) > 1 and hasattr(model, "forward_maps"):
-        result.metrics["branch_overlap"] = _branch_overlap(cfg, model, dataset.query, device)
+    distance_fn = None
+    has_pairwise = getattr(type(model), "has_pairwise_score", None)
+    if has_pairwise is not None and has_pairwise():
+        was_training = model.training
+        model.eval()
+
+        def distance_fn(q: FeatureSet, g: FeatureSet) -> torch.Tensor:
+            with torch.no_grad():
+                return model.pairwise_distance(q, g)
+
+    try:
+        result = evaluate_feature_sets(
+            query,
+            gallery,
+            metric=cfg.test.metric,
+            max_rank=cfg.test.max_rank,
+            rerank=cfg.test.rerank if rerank is None else rerank,
+            k1=cfg.test.rerank_k1,
+            k2=cfg.test.rerank_k2,
+            lambda_value=cfg.test.rerank_lambda,
+            distance_fn=distance_fn,
+        )
+    finally:
+        if distance_fn is not None:
+            model.train(was_training)
+    extras_fn = getattr(model, "eval_extras", None)
+    if extras_fn is not None:
+        extras = extras_fn(cfg, dataset, device)
+        if extras is not None:
+            result.metrics.update(extras.metrics)
+            result.notes.extend(extras.notes)
     return result
 
 
-def _branch_overlap(cfg: Config, model: nn.Module, records: list[ImageRecord], device) -> float:
-    """Mean top-k CAM IoU between branches on (up to 4 batches of) the query set, printed so
-    a multi-branch run shows whether its branches look at different regions (CAMA's OAP)."""
-    from reidkit.data.loader import build_test_loader
-    from reidkit.viz.overlap import (
-        branch_overlap_matrix,
-        format_branch_overlap,
-        mean_pairwise_overlap,
-    )
+def result_distances(cfg: Config, model: nn.Module, result: EvalResult) -> torch.Tensor:
+    """The full ``(Q, G)`` distance matrix behind ``result`` (for reports and plots):
+    the method's own pairwise score, the re-ranked or the plain ``test.metric`` distance."""
+    from reidkit import metrics as M
 
-    mat = branch_overlap_matrix(
-        model, build_test_loader(cfg, records), max_batches=4, device=device
-    )
-    print(format_branch_overlap(mat, getattr(model, "oap_k", None)))
-    return mean_pairwise_overlap(mat)
+    q, g = result.query, result.gallery
+    has_pairwise = getattr(type(model), "has_pairwise_score", None)
+    if has_pairwise is not None and has_pairwise():
+        with torch.no_grad():
+            blocks = [model.pairwise_distance(q[s : s + 256], g) for s in range(0, len(q), 256)]
+        return torch.cat(blocks).float().cpu()
+    if result.rerank:
+        dist = M.re_ranking(
+            q.feats,
+            g.feats,
+            k1=cfg.test.rerank_k1,
+            k2=cfg.test.rerank_k2,
+            lambda_value=cfg.test.rerank_lambda,
+        )
+    else:
+        dist = M.compute_distance(q.feats, g.feats, cfg.test.metric)
+    return torch.as_tensor(dist).float().cpu()

@@ -28,15 +28,24 @@ epoch), then the main schedule starts at its own epoch 0.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from reidkit.config import SolverConfig
 
+if TYPE_CHECKING:  # pragma: no cover
+    from reidkit.config import Config
+
 __all__ = [
+    "OptimizerSpec",
+    "default_optimizers",
+    "constant_lr",
     "warmup_multiplier",
     "lr_at",
     "classifier_warm_lr_at",
@@ -210,3 +219,102 @@ class LRScheduler:
         self.last_epoch = float(state["last_epoch"])
         if self.last_epoch >= 0:
             self.set_epoch(self.last_epoch)
+
+
+# ------------------------------------------------------------------ named optimisers
+@dataclass
+class OptimizerSpec:
+    """A named optimiser of a method, as the trainer steps it.
+
+    Attributes:
+        optimizer: the torch optimiser (its groups may carry ``lr_factor``).
+        lr_fn: base learning rate at a (fractional) epoch *of its phase*:
+            ``lr_fn(epoch - start_epoch)``.
+        start_epoch, end_epoch: the global epochs ``[start, end)`` in which it is active
+            (``end_epoch=None``: to the end). Inactive optimisers are not stepped.
+        grad_scale: gradients are multiplied by this before the step (BoT's center loss
+            undoes its loss weight with ``1 / center_weight``).
+        clip_grad: ``solver.grad_clip`` applies to its parameters.
+        default: stepped by the default ``train_step`` (a GAN's ``train_step`` steps its
+            optimisers itself and may mark them ``default=False``).
+    """
+
+    optimizer: torch.optim.Optimizer
+    lr_fn: Callable[[float], float]
+    start_epoch: int = 0
+    end_epoch: int | None = None
+    grad_scale: float = 1.0
+    clip_grad: bool = True
+    default: bool = True
+
+    def active(self, epoch: int) -> bool:
+        return epoch >= self.start_epoch and (self.end_epoch is None or epoch < self.end_epoch)
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+
+def constant_lr(lr: float, epoch: float) -> float:
+    """A schedule that is always ``lr`` (``functools.partial(constant_lr, lr)``)."""
+    return lr
+
+
+def default_optimizers(model: Any, cfg: Config) -> dict[str, OptimizerSpec]:
+    """The default named optimisers of a method (see ``ReIDMethod.optimizers``).
+
+    ``main``: ``solver`` optimiser over all trainable parameters except center-loss
+    centres, with :func:`lr_at`, active from epoch ``W = solver.classifier_warm_epochs``;
+    ``warm`` (``W > 0``): the classifier parameters with :func:`classifier_warm_lr_at`
+    for epochs ``0..W-1`` (weight decay ``solver.classifier_warm_weight_decay``, default
+    ``solver.weight_decay``); ``center`` (center loss configured): SGD at
+    ``loss.center_lr``, gradients rescaled by ``1 / loss.center_weight``, active with main.
+    """
+    from reidkit.losses.center import CenterLoss
+
+    solver = cfg.solver
+    warm = solver.classifier_warm_epochs
+    centers = [
+        p
+        for m in model.modules()
+        if isinstance(m, CenterLoss)
+        for p in m.parameters()
+        if p.requires_grad
+    ]
+    specs: dict[str, OptimizerSpec] = {}
+    if warm > 0:
+        params = [p for p in model.classifier_parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(
+                f"solver.classifier_warm_epochs={warm} but {type(model).__name__}."
+                "classifier_parameters() is empty"
+            )
+        warm_solver = solver
+        if solver.classifier_warm_weight_decay is not None:
+            warm_solver = solver.model_copy(
+                update={"weight_decay": solver.classifier_warm_weight_decay}
+            )
+        specs["warm"] = OptimizerSpec(
+            build_optimizer(
+                build_param_groups(model, warm_solver, params=params, exclude=centers),
+                warm_solver,
+            ),
+            functools.partial(classifier_warm_lr_at, solver),
+            start_epoch=0,
+            end_epoch=warm,
+        )
+    specs["main"] = OptimizerSpec(
+        build_optimizer(build_param_groups(model, solver, exclude=centers), solver),
+        functools.partial(lr_at, solver),
+        start_epoch=warm,
+    )
+    center_opt = build_aux_optimizer(centers, cfg.loss.center_lr)
+    if center_opt is not None:
+        weight = cfg.loss.center_weight
+        specs["center"] = OptimizerSpec(
+            center_opt,
+            functools.partial(constant_lr, cfg.loss.center_lr),
+            start_epoch=warm,
+            grad_scale=1.0 / weight if weight > 0 else 1.0,
+            clip_grad=False,
+        )
+    return specs

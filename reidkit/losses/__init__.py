@@ -5,6 +5,7 @@ ID losses take ``(logits (B, C), pids (B,))``; metric losses ``(feats (B, D), pi
 
 from reidkit.losses.builder import (
     EXTRA_LOSSES,
+    ReIDLoss,
     ZeroLoss,
     build_extra_loss,
     build_id_loss,
@@ -44,6 +45,7 @@ __all__ = [
     "FocalLoss",
     "InstanceLoss",
     "LiftedStructureLoss",
+    "ReIDLoss",
     "SphereLoss",
     "TripletLoss",
     "WeightedRegularizedTripletLoss",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from reidkit.losses.center import CenterLoss
 from reidkit.losses.circle import CircleLoss
 from reidkit.losses.focal import FocalLoss
 from reidkit.losses.pairwise import ContrastiveLoss, InstanceLoss, LiftedStructureLoss, SphereLoss
@@ -23,6 +24,7 @@ from reidkit.losses.softmax import CrossEntropyLabelSmooth, to_float
 from reidkit.losses.triplet import TripletLoss, WeightedRegularizedTripletLoss
 
 __all__ = [
+    "ReIDLoss",
     "ZeroLoss",
     "build_metric_loss",
     "build_id_loss",
@@ -118,3 +120,86 @@ def build_extra_loss(
     raise ValueError(
         f"loss.extra: unknown extra loss '{name}' (expected one of {', '.join(EXTRA_LOSSES)})"
     )
+
+
+class ReIDLoss(nn.Module):
+    """ "ID loss + metric loss (+ center, + extra)" on a logits / feature pair, from
+    ``cfg.loss``: the one place every method, branch and part computes these terms, so
+    ``loss.focal_gamma``, ``loss.label_smoothing``, ``loss.metric``, ``loss.center_weight``
+    and ``loss.extra`` mean the same everywhere.
+
+    Args:
+        loss_cfg: ``cfg.loss``.
+        num_classes: classifier size (center loss and the sphere / instance extras need it).
+        feat_dim: dimension of the feature given to the metric / center / extra terms.
+        id_loss: compute the ID term (needs ``logits``).
+        metric_loss: compute the metric, center and extra terms (need ``feat``).
+
+    ``forward(pids, logits=None, feat=None, suffix="")`` returns the weighted terms:
+    ``ce`` (``loss.ce_weight``; focal loss when ``focal_gamma`` is set), the metric term
+    named by :func:`metric_loss_key` (``loss.metric_weight``), ``center``
+    (``loss.center_weight``) and the extra term (``loss.extra_weight``). With a
+    ``suffix`` every name gets ``_<suffix>`` (``ce_1``, ``triplet_p2``). Center-loss
+    centres are parameters of this module; the default optimisers give them BoT's own SGD.
+    """
+
+    def __init__(
+        self,
+        loss_cfg: Any,
+        num_classes: int,
+        feat_dim: int,
+        *,
+        id_loss: bool = True,
+        metric_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        self.ce_weight = float(loss_cfg.ce_weight) if id_loss else 0.0
+        self.id_criterion = build_id_loss(loss_cfg) if self.ce_weight > 0 else None
+        use_metric = metric_loss and loss_cfg.metric != "none" and loss_cfg.metric_weight > 0
+        self.metric_weight = float(loss_cfg.metric_weight)
+        self.metric_key = metric_loss_key(loss_cfg.metric)
+        self.metric_criterion = build_metric_loss(loss_cfg) if use_metric else None
+        self.center_weight = float(loss_cfg.center_weight)
+        self.center_criterion: CenterLoss | None = None
+        if metric_loss and self.center_weight > 0 and num_classes > 0:
+            self.center_criterion = CenterLoss(num_classes, feat_dim)
+        self.extra_weight = float(loss_cfg.extra_weight)
+        self.extra_criterion: nn.Module | None = None
+        self.extra_key = ""
+        if metric_loss and loss_cfg.extra and self.extra_weight > 0:
+            self.extra_criterion = build_extra_loss(loss_cfg.extra, num_classes, feat_dim, loss_cfg)
+            self.extra_key = loss_cfg.extra
+            if self.extra_key in ("ce", self.metric_key, "center"):
+                self.extra_key = f"extra_{loss_cfg.extra}"
+
+    @property
+    def needs_feature(self) -> bool:
+        return any(
+            c is not None
+            for c in (self.metric_criterion, self.center_criterion, self.extra_criterion)
+        )
+
+    def forward(
+        self,
+        pids: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        feat: torch.Tensor | None = None,
+        suffix: str = "",
+    ) -> dict[str, torch.Tensor]:
+        def name(key: str) -> str:
+            return f"{key}_{suffix}" if suffix else key
+
+        terms: dict[str, torch.Tensor] = {}
+        if self.id_criterion is not None:
+            if logits is None:
+                raise ValueError("ReIDLoss: the ID term needs logits")
+            terms[name("ce")] = self.ce_weight * self.id_criterion(logits, pids)
+        if self.needs_feature and feat is None:
+            raise ValueError("ReIDLoss: the metric / center / extra terms need a feature")
+        if self.metric_criterion is not None:
+            terms[name(self.metric_key)] = self.metric_weight * self.metric_criterion(feat, pids)
+        if self.center_criterion is not None:
+            terms[name("center")] = self.center_weight * self.center_criterion(feat, pids)
+        if self.extra_criterion is not None:
+            terms[name(self.extra_key)] = self.extra_weight * self.extra_criterion(feat, pids)
+        return terms

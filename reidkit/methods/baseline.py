@@ -15,22 +15,19 @@ Architecture: ``backbone -> pool -> neck``::
 - ``agw``    (Ye et al. 2021): BoT + non-local blocks (``model.non_local``) + GeM pooling
   + weighted regularised triplet (``loss.metric=wrt``).
 
-**Presets.** Each name has a small preset of config fields (:data:`METHOD_PRESETS`).
-:func:`apply_method_presets` writes a preset value into the config *only for fields the
-config did not set explicitly* (pydantic's ``model_fields_set``: a YAML key or a
-``key=value`` override counts as explicit), so ``model.name=agw`` alone gives the full
-AGW, while ``model.name=agw model.pooling=avg`` is the AGW-without-GeM ablation. The
-builder applies the presets to ``cfg`` *in place* (and logs them), so a config dumped
-after building the model records the resolved values and rebuilds the same model.
+**Presets.** Each name has a small preset of config fields (:data:`METHOD_PRESETS`),
+applied when a config is loaded, to the fields the config does not set itself: a YAML
+key or a ``key=value`` override always wins. So ``model.name=agw`` alone gives the full
+AGW, while ``model.name=agw model.pooling=avg`` is the AGW-without-GeM ablation, and
+``reidkit config -c FILE`` shows the resolved values.
 
 The class is meant to be extended (CGE subclasses it): override :meth:`extract`,
-:meth:`forward_train`, :meth:`id_loss`, :meth:`metric_feature` or
-:meth:`compute_loss`; replace ``self.pool``/``self.neck`` modules.
+:meth:`forward_train`, :meth:`metric_feature` or :meth:`compute_loss`; replace
+``self.pool``/``self.neck`` modules.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,19 +35,11 @@ import torch
 from torch import nn
 
 from reidkit.config import Config
-from reidkit.losses import (
-    CenterLoss,
-    build_extra_loss,
-    build_id_loss,
-    build_metric_loss,
-    metric_loss_key,
-)
-from reidkit.methods.base import ReIDMethod, register_method
+from reidkit.losses import ReIDLoss
+from reidkit.methods.base import Batch, ReIDMethod, Role, register_method
 from reidkit.models import BNNeck, backbone_from_config, build_pooling
 
-__all__ = ["Baseline", "METHOD_PRESETS", "apply_method_presets"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["Baseline", "METHOD_PRESETS"]
 
 METHOD_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "ide": {"model": {"neck": "none"}, "loss": {"metric": "none", "label_smoothing": 0.0}},
@@ -58,42 +47,6 @@ METHOD_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "bot": {},
     "agw": {"model": {"non_local": True, "pooling": "gem"}, "loss": {"metric": "wrt"}},
 }
-
-
-def apply_method_presets(cfg: Config, name: str | None = None) -> dict[str, Any]:
-    """Fill the preset fields of method ``name`` (default ``cfg.model.name``) into ``cfg``.
-
-    Only fields not explicitly set in the config are changed (in place). Explicit values
-    that differ from the preset are kept and logged. Idempotent.
-
-    Returns:
-        ``{"section.field": value}`` of the fields that were changed.
-    """
-    name = name or cfg.model.name
-    applied: dict[str, Any] = {}
-    for section_name, fields in METHOD_PRESETS.get(name, {}).items():
-        section = getattr(cfg, section_name)
-        for field, value in fields.items():
-            current = getattr(section, field)
-            if field in section.model_fields_set:
-                if current != value:
-                    logger.info(
-                        "%s: keeping explicit %s.%s=%r (the method's preset is %r)",
-                        name,
-                        section_name,
-                        field,
-                        current,
-                        value,
-                    )
-                continue
-            setattr(section, field, value)  # also marks the field as set: idempotent
-            if current != value:
-                applied[f"{section_name}.{field}"] = value
-    if applied:
-        logger.info(
-            "%s preset: %s", name, ", ".join(f"{k}={v!r}" for k, v in sorted(applied.items()))
-        )
-    return applied
 
 
 class Baseline(ReIDMethod):
@@ -122,27 +75,10 @@ class Baseline(ReIDMethod):
         self.neck = BNNeck(self.feat_dim, num_classes, neck=mcfg.neck)
         self.test_feature: str = cfg.test.feature
 
-        # losses
-        self.ce_weight = lcfg.ce_weight
-        self.metric_weight = lcfg.metric_weight
-        self.center_weight = lcfg.center_weight
-        self.extra_weight = lcfg.extra_weight
         self.triplet_feature = lcfg.triplet_feature
-        self.id_criterion = build_id_loss(lcfg)
-        self.metric_key = metric_loss_key(lcfg.metric)
-        self.metric_criterion: nn.Module | None = (
-            build_metric_loss(lcfg) if lcfg.metric != "none" and lcfg.metric_weight > 0 else None
-        )
-        self.center_criterion: CenterLoss | None = None
-        if lcfg.center_weight > 0 and num_classes > 0:
-            self.center_criterion = CenterLoss(num_classes, self.feat_dim)
-        self.extra_criterion: nn.Module | None = None
-        self.extra_key = ""
-        if lcfg.extra:
-            self.extra_criterion = build_extra_loss(lcfg.extra, num_classes, self.feat_dim, lcfg)
-            self.extra_key = lcfg.extra
-            if self.extra_key in ("ce", self.metric_key, "center"):
-                self.extra_key = f"extra_{lcfg.extra}"
+        # ID + metric (+ center, + extra) terms, shared with every other method
+        self.loss = ReIDLoss(lcfg, num_classes, self.feat_dim)
+        self._register_load_state_dict_pre_hook(_legacy_loss_keys)
 
     # ------------------------------------------------------------------ forward parts
     def extract(self, images: torch.Tensor) -> torch.Tensor:
@@ -165,70 +101,43 @@ class Baseline(ReIDMethod):
         global_feat = self.pool(self.extract(images))
         return {"pre_bn": global_feat, "post_bn": self.neck.bn(global_feat)}
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
-        """Training: the dict of :meth:`forward_train`; eval: ``(B, C)`` test feature."""
-        if self.training:
-            return self.forward_train(images)
-        feats = self.forward_features(images)
-        if self.test_feature not in feats:
-            raise KeyError(
-                f"test.feature='{self.test_feature}' not produced by {type(self).__name__} "
-                f"(available: {', '.join(feats)})"
-            )
-        return feats[self.test_feature]
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Training outputs of :meth:`forward_train` for ``batch["images"]``."""
+        return self.forward_train(batch["images"])
+
+    def encode(self, batch: Batch, role: Role = "gallery") -> dict[str, torch.Tensor]:
+        """``{"pre_bn": (B, C), "post_bn": (B, C)}`` (query and gallery alike)."""
+        return self.forward_features(batch["images"])
 
     # --------------------------------------------------------------------- losses
-    def id_loss(self, logits: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
-        """Unweighted ID loss (label-smoothed CE or focal, from ``cfg.loss``)."""
-        return self.id_criterion(logits, pids)
-
     def metric_feature(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Feature for the metric / center / extra losses (``loss.triplet_feature``)."""
         return outputs["global_feat"] if self.triplet_feature == "pre_bn" else outputs["bn_feat"]
 
     def compute_loss(
-        self, outputs: dict[str, torch.Tensor], pids: torch.Tensor
+        self, outputs: dict[str, torch.Tensor], batch: Batch
     ) -> dict[str, torch.Tensor]:
         """Weighted loss terms: ``ce`` and, as configured, ``triplet``/``wrt``/``circle``,
         ``center`` and the extra loss (named after it)."""
         if "logits" not in outputs:
             raise RuntimeError("compute_loss needs logits; the model was built with num_classes=0")
-        losses: dict[str, torch.Tensor] = {}
-        if self.ce_weight > 0:
-            losses["ce"] = self.ce_weight * self.id_loss(outputs["logits"], pids)
-        feat = self.metric_feature(outputs)
-        if self.metric_criterion is not None:
-            losses[self.metric_key] = self.metric_weight * self.metric_criterion(feat, pids)
-        if self.center_criterion is not None:
-            losses["center"] = self.center_weight * self.center_criterion(feat, pids)
-        if self.extra_criterion is not None and self.extra_weight > 0:
-            losses[self.extra_key] = self.extra_weight * self.extra_criterion(feat, pids)
-        return losses
+        return self.loss(batch["pids"], outputs["logits"], self.metric_feature(outputs))
 
     # ------------------------------------------------------------- parameter groups
     def classifier_parameters(self) -> Iterator[nn.Parameter]:
         """The neck (BN + classifier) and any loss-owned classifier weights."""
         yield from (p for p in self.neck.parameters() if p.requires_grad)
-        if self.extra_criterion is not None:
-            yield from self.extra_criterion.parameters()
-
-    def aux_parameters(self) -> Iterator[nn.Parameter]:
-        """Center-loss centers: to be optimised by their own SGD (lr ``loss.center_lr``),
-        with gradients rescaled by ``1 / loss.center_weight`` (BoT), and excluded from the
-        main optimiser."""
-        if self.center_criterion is not None:
-            yield from self.center_criterion.parameters()
+        if self.loss.extra_criterion is not None:
+            yield from self.loss.extra_criterion.parameters()
 
 
-def _make_builder(name: str):
-    def build(cfg: Config, num_classes: int) -> Baseline:
-        apply_method_presets(cfg, name)
-        return Baseline(cfg, num_classes)
-
-    build.__name__ = f"build_{name}"
-    build.__doc__ = f"Build the '{name}' baseline (presets: {METHOD_PRESETS[name] or 'none'})."
-    return build
+def _legacy_loss_keys(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before the shared loss helper kept the center-loss centres and
+    extra-loss weights at ``center_criterion.*`` / ``extra_criterion.*``."""
+    for old in ("center_criterion.", "extra_criterion."):
+        for key in [k for k in state_dict if k.startswith(prefix + old)]:
+            state_dict[prefix + "loss." + key[len(prefix) :]] = state_dict.pop(key)
 
 
-for _name in METHOD_PRESETS:
-    register_method(_name)(_make_builder(_name))
+for _name, _presets in METHOD_PRESETS.items():
+    register_method(_name, presets=_presets)(Baseline)

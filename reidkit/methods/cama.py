@@ -13,45 +13,68 @@ Test feature: ``[f^1/|f^1|; ...; f^n/|f^n|]`` with ``f^i = GAP(F^i)``, for the f
 ``n = model.cama.test_branches`` branches (all by default; the paper's Table 5).
 
 Config: ``model.name: cama`` and ``model.cama.{num_branches, oap_k, oap_alpha,
-test_branches}``; ``oap_alpha: 0`` is the paper's "MltB + L_id" ablation.
+test_branches}`` (:class:`CAMAOptions`); ``oap_alpha: 0`` is the paper's "MltB + L_id"
+ablation and ``num_branches: 1`` the paper's IDE+BN baseline of Eq. 3 (BN per cell before
+GAP, with a learnable bias).
+
+The classifier-only warm phase (``solver.classifier_warm_epochs``) trains the classifiers
+``W^i`` alone: every other module, the new BN layers included, stays frozen in eval mode.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from reidkit.config import Config
+from reidkit.losses import ReIDLoss
 from reidkit.losses.oap import overlapped_activation_penalty
-from reidkit.methods.base import ReIDMethod, register_method
+from reidkit.methods.base import (
+    Batch,
+    EvalExtras,
+    MethodOptions,
+    ReIDMethod,
+    Role,
+    method_options,
+    register_method,
+)
+from reidkit.models.backbone import Backbone, split_backbone
 
-__all__ = ["CAMA", "build_cama"]
-
-_TRUNK_ATTRS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
+__all__ = ["CAMA", "CAMAOptions"]
 
 
+class CAMAOptions(MethodOptions):
+    """``model.cama``: CAMA's options."""
+
+    num_branches: int = Field(3, ge=1)  # N unshared copies of conv5
+    oap_k: float = Field(26 / 128, gt=0)  # <1: fraction of H*W cells; >=1: a count
+    oap_alpha: float = Field(1.0, ge=0)  # weight of the OAP (Eq. 8)
+    test_branches: int | None = None  # use only the first n branches at test (Table 5)
+    oap_detach_threshold: bool = False  # stop the gradient through sigma^i (Eq. 5)
+
+
+@register_method("cama", options=CAMAOptions)
 class CAMA(ReIDMethod):
-    """Multi-branch CAM-augmented re-ID network.
+    """CAMA: multi-branch CAM-augmented re-ID network with the overlapped activation penalty.
 
     Args:
         cfg: the experiment config (``model.*``, ``loss.*``, ``test.feature``).
         num_classes: number of training identities ``C``.
-        backbone: optional pre-built backbone with torchvision ResNet attribute names
-            (``conv1, bn1, relu, maxpool, layer1..layer4``) and ``out_channels``; by default
+        backbone: optional pre-built :class:`~reidkit.models.backbone.Backbone`; by default
             ``reidkit.models.build_backbone`` builds it from ``cfg.model`` (pretrained
-            weights are loaded *before* ``layer4`` is copied, so every branch starts from
-            the same ImageNet conv5). A given backbone is adopted: its ``layer4`` is copied
-            into the branches and then replaced by ``nn.Identity``.
+            weights are loaded *before* the last stage is copied, so every branch starts
+            from the same ImageNet conv5). A given backbone is adopted: its last stage is
+            split off into the branches (:func:`~reidkit.models.backbone.split_backbone`).
     """
 
     def __init__(self, cfg: Config, num_classes: int, backbone: nn.Module | None = None) -> None:
         super().__init__()
         mcfg = cfg.model
-        opts = mcfg.cama
+        opts = method_options(cfg, CAMAOptions, "cama")
         if num_classes < 1:
             raise ValueError(
                 f"CAMA needs at least one training identity, got num_classes={num_classes}"
@@ -65,13 +88,18 @@ class CAMA(ReIDMethod):
             from reidkit.models import backbone_from_config
 
             backbone = backbone_from_config(mcfg)
-        missing = [a for a in (*_TRUNK_ATTRS, "layer4") if not hasattr(backbone, a)]
-        if missing:
+        if not isinstance(backbone, Backbone) or not backbone.stage_names:
             raise ValueError(
-                f"model.backbone='{mcfg.backbone}': CAMA needs a ResNet-style backbone with "
-                f"attributes conv1, bn1, relu, maxpool, layer1..layer4; missing {missing}"
+                f"model.backbone='{mcfg.backbone}': CAMA needs a staged backbone "
+                "(reidkit.models.backbone.Backbone) to copy its last stage into the branches"
             )
-        dim = int(getattr(backbone, "out_channels", 0)) or _infer_channels(backbone.layer4)
+        last = backbone.stage_names[-1]
+        if any(last in stages for stages in backbone.inserted_groups.values()):
+            raise ValueError(
+                f"model.non_local_layers: CAMA copies {last} into its branches; blocks "
+                f"inserted into {last} are not supported (use earlier stages)"
+            )
+        dim = int(backbone.out_channels)
 
         self.num_branches = opts.num_branches
         self.num_classes = num_classes
@@ -86,29 +114,15 @@ class CAMA(ReIDMethod):
                 f"model.cama.num_branches={opts.num_branches}"
             )
         self.test_feature = cfg.test.feature
-        self.ce_weight = cfg.loss.ce_weight
-        self.label_smoothing = cfg.loss.label_smoothing
-        self.metric_weight = cfg.loss.metric_weight
         self.metric_feature = cfg.loss.triplet_feature
-        self._metric_loss = None
-        if cfg.loss.metric != "none" and cfg.loss.metric_weight > 0:
-            from reidkit.losses import build_metric_loss
-
-            self._metric_loss = build_metric_loss(cfg.loss)
-
-        if "layer4" in getattr(backbone, "non_local_layers", {}):
-            raise ValueError(
-                "model.non_local_layers: CAMA copies layer4 into its branches; non-local "
-                "blocks inside layer4 are not supported (use layer2/layer3)"
-            )
-        # Deep copies of the (possibly pretrained) conv5: unshared, identical at start.
-        self.branches = nn.ModuleList(
-            copy.deepcopy(backbone.layer4) for _ in range(self.num_branches)
-        )
-        # The shared trunk is the backbone up to layer3 (with its non-local blocks, if any);
-        # its own layer4 is dropped so that no parameter goes unused.
-        backbone.layer4 = nn.Identity()
-        self.backbone = backbone
+        # ID term per branch (Eq. 7) and the optional metric / center / extra terms on the
+        # concatenated feature, all from cfg.loss through the shared helper
+        self.branch_loss = ReIDLoss(cfg.loss, num_classes, dim, metric_loss=False)
+        self.feature_loss = ReIDLoss(cfg.loss, num_classes, dim * self.num_branches, id_loss=False)
+        # The shared trunk is the backbone up to its last stage (with any inserted blocks);
+        # the branches are deep copies of the (possibly pretrained) conv5: unshared,
+        # identical at start.
+        self.backbone, self.branches = split_backbone(backbone, last, self.num_branches)
         self.bns = nn.ModuleList(nn.BatchNorm2d(dim) for _ in range(self.num_branches))
         self.classifiers = nn.ModuleList(
             nn.Linear(dim, num_classes, bias=False) for _ in range(self.num_branches)
@@ -119,16 +133,7 @@ class CAMA(ReIDMethod):
     # ------------------------------------------------------------------ building blocks
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
         """Shared conv1..conv4: ``(B, 3, H, W) -> (B, d3, h, w)`` (the layer3 map)."""
-        bb = self.backbone
-        if hasattr(bb, "stem") and hasattr(bb, "run_stage"):
-            x = bb.stem(images)
-            for name in ("layer1", "layer2", "layer3"):
-                x = bb.run_stage(name, x)
-            return x
-        x = images
-        for name in _TRUNK_ATTRS:
-            x = getattr(bb, name)(x)
-        return x
+        return self.backbone(images)
 
     def _branch_maps(self, images: torch.Tensor, num: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the trunk and the first ``num`` branches.
@@ -163,16 +168,13 @@ class CAMA(ReIDMethod):
         return torch.einsum("nbdhw,nbd->nbhw", feat_maps, w_t)
 
     # -------------------------------------------------------------------------- API
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
-        """Training: a dict of tensors (see below); eval: the test feature ``(B, D)``.
-
-        Training outputs: ``feat_maps`` ``(N, B, d, h, w)`` (F^i), ``branch_logits``
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Training outputs: ``feat_maps`` ``(N, B, d, h, w)`` (F^i), ``branch_logits``
         ``(N, B, C)`` (S^i), ``logits`` ``(B, C)`` (mean over branches, for accuracy),
         ``global_feat`` ``(B, N*d)`` (GAP(T^i) concatenated), ``bn_feat`` ``(B, N*d)``
         (GAP(F^i) concatenated).
         """
-        if not self.training:
-            return self.forward_features(images)[self.test_feature]
+        images = batch["images"]
         raw, feat_maps = self._branch_maps(images, self.num_branches)
         pooled = feat_maps.mean(dim=(-2, -1))  # (N, B, d) = GAP(F^i)
         branch_logits = torch.einsum(
@@ -188,24 +190,29 @@ class CAMA(ReIDMethod):
         }
 
     def compute_loss(
-        self, outputs: dict[str, torch.Tensor], pids: torch.Tensor
+        self, outputs: dict[str, torch.Tensor], batch: Batch
     ) -> dict[str, torch.Tensor]:
-        """``ce_1 .. ce_N`` (one per branch, Eq. 7), ``oap`` (alpha * Eq. 6, when alpha > 0)
-        and ``metric`` (when ``loss.metric`` is set; not in the paper)."""
+        """``ce_1 .. ce_N`` (one ID term per branch, Eq. 7), ``oap`` (alpha * Eq. 6, when
+        alpha > 0) and, when ``loss.metric`` / ``loss.center_weight`` / ``loss.extra`` are
+        set (not in the paper), those terms on the concatenated feature."""
+        pids = batch["pids"]
         logits = outputs["branch_logits"]
         terms: dict[str, torch.Tensor] = {}
         for i in range(logits.shape[0]):
-            ce = F.cross_entropy(logits[i].float(), pids, label_smoothing=self.label_smoothing)
-            terms[f"ce_{i + 1}"] = self.ce_weight * ce
+            terms.update(self.branch_loss(pids, logits[i].float(), suffix=str(i + 1)))
         if self.oap_alpha > 0 and self.num_branches > 1:
             target_cams = self.class_activation_maps(outputs["feat_maps"], pids)
             terms["oap"] = self.oap_alpha * overlapped_activation_penalty(
                 target_cams, self.oap_k, detach_threshold=self.oap_detach_threshold
             )
-        if self._metric_loss is not None:
+        if self.feature_loss.needs_feature:
             feats = outputs["global_feat" if self.metric_feature == "pre_bn" else "bn_feat"]
-            terms["metric"] = self.metric_weight * self._metric_loss(feats.float(), pids)
+            terms.update(self.feature_loss(pids, feat=feats.float()))
         return terms
+
+    def encode(self, batch: Batch, role: Role = "gallery") -> dict[str, torch.Tensor]:
+        """``post_bn`` / ``pre_bn`` test features of :meth:`forward_features`."""
+        return self.forward_features(batch["images"])
 
     def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Test features of the first ``test_branches`` branches, ``(B, n*d)`` each:
@@ -238,20 +245,27 @@ class CAMA(ReIDMethod):
         return out
 
     def classifier_parameters(self) -> Iterator[nn.Parameter]:
-        """The N classifiers and their BN layers (trained alone in the warm phase)."""
-        for module in (*self.bns, *self.classifiers):
+        """The N classifiers ``W^i``: the only weights the warm phase trains (the paper
+        fixes everything else; the new BN layers run with their initial statistics)."""
+        for module in self.classifiers:
             yield from module.parameters()
 
+    def eval_extras(self, cfg: Config, dataset, device: torch.device) -> EvalExtras | None:
+        """Branch overlap: mean top-k CAM IoU between branches on (up to 4 batches of) the
+        query set, so a run shows whether its branches look at different regions."""
+        if self.num_branches < 2:
+            return None
+        from reidkit.data.loader import build_test_loader
+        from reidkit.viz.overlap import (
+            branch_overlap_matrix,
+            format_branch_overlap,
+            mean_pairwise_overlap,
+        )
 
-def _infer_channels(layer: nn.Module) -> int:
-    convs = [m for m in layer.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ValueError("cannot infer the conv5 output width: backbone has no out_channels")
-    # the last conv of a residual stage may be the downsample; take the largest width
-    return max(c.out_channels for c in convs)
-
-
-@register_method("cama")
-def build_cama(cfg: Config, num_classes: int) -> CAMA:
-    """Registry builder for ``model.name: cama``."""
-    return CAMA(cfg, num_classes)
+        mat = branch_overlap_matrix(
+            self, build_test_loader(cfg, dataset.query), max_batches=4, device=device
+        )
+        return EvalExtras(
+            metrics={"branch_overlap": mean_pairwise_overlap(mat)},
+            notes=[format_branch_overlap(mat, self.oap_k)],
+        )

@@ -8,31 +8,38 @@ Two modules on top of a global-feature baseline (BoT or AGW):
   stripe holds an L2-normalised feature per training identity (zero at start). Read:
   ``w_i = sigmoid(cos(f_i, M_i))`` (B, N).
 - **GLR** (global logits revise, Eqs. 2-3): ``w = (prod_i w_i)^(1/n)`` and
-  ``p_hat = p * w`` where ``p`` are the global logits (B, N); the label-smoothed CE of
-  Eq. 4 is ``-sum_k y_hat_k log softmax(p_hat)_k``. See docs/cge.md for why ``p`` is read
-  as logits and for the ``revise_target="probs"`` alternative.
+  ``p_hat = p * w`` with ``p`` the global prediction (B, N); the label-smoothed CE of
+  Eq. 4 is applied to ``p_hat``. See docs/cge.md for the two readings of ``p``
+  (probabilities, the default, or logits).
 
 Write (Eq. 1), after each optimiser step: for every identity ``y`` in the (all-rank)
 batch, ``M_{i,y} <- a M_{i,y} + (1 - a) mean_k f_i^{(k)}`` followed by L2 normalisation,
 with ``a`` from a schedule over epochs (linear ``t/E`` by default, Table 4).
 
 Inference uses the global feature only; the memories never touch the eval path.
+
+Options: ``model.cge`` (:class:`CGEOptions`). The GLR default is the probability reading
+(``revise_target="probs"``: ``softmax(z) * w`` renormalised), the only reading under
+which the revise lowers the loss of easy samples as the paper's Fig. 3 says.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from reidkit.config import Config
-from reidkit.methods.base import register_method
+from reidkit.methods.base import Batch, MethodOptions, method_options, register_method
 from reidkit.methods.baseline import Baseline
 
 __all__ = [
     "CGE",
+    "CGEOptions",
     "stripe_pool",
     "nlc_scores",
     "glr_weights",
@@ -43,6 +50,23 @@ __all__ = [
     "momentum_at",
     "gather_for_memory",
 ]
+
+
+class CGEOptions(MethodOptions):
+    """``model.cge``: CGE's options."""
+
+    num_stripes: int = Field(3, ge=1)
+    # memory momentum a over epochs: linear t/E (Eq. 11), exponential as Eq. 12 is printed,
+    # rampup = exp(-gamma (1 - t/E)^2) (the usual ramp-up reading of Eq. 12), fixed
+    momentum_schedule: Literal["linear", "exponential", "rampup", "fixed"] = "linear"
+    momentum_fixed: float = Field(0.01, ge=0, le=1)  # a for the fixed schedule (paper: 0.01)
+    momentum_exp_gamma: float = Field(5.0, gt=0)  # gamma of the exponential / rampup schedules
+    revise_level: Literal["logit", "feature"] = "logit"  # Table 6
+    # what p in p_hat = p * w is: "probs" (softmax(z) * w renormalised = softmax(z + log w);
+    # lowers the loss of easy samples, Fig. 3) or "logits" (Eq. 4 literally: softmax(z * w))
+    revise_target: Literal["logits", "probs"] = "probs"
+    glr: bool = True  # False: memories are kept (analysis) but logits not revised (Table 2)
+    detach_weights: bool = False  # True: w is a constant re-weighting (no grad to stripes)
 
 
 # ---------------------------------------------------------------------- functions
@@ -251,6 +275,8 @@ def momentum_at(
       replaced by the batch mean; slower updates as training converges).
     - ``exponential`` (Eq. 12, as printed): ``a = exp(-gamma * ((1 - t) / E)^2)``, which
       decays from ~1 to ~exp(-gamma) over training ("exponentially decay").
+    - ``rampup``: ``a = exp(-gamma * (1 - t / E)^2)``, the common ramp-up that Eq. 12 may
+      mean: from ~exp(-gamma) up to 1 (slower memory updates as training converges).
     - ``fixed``: ``a = fixed`` (the paper's 0.01).
     """
     if max_epochs <= 0:
@@ -259,11 +285,14 @@ def momentum_at(
         a = epoch / max_epochs
     elif schedule == "exponential":
         a = math.exp(-gamma * ((1.0 - epoch) / max_epochs) ** 2)
+    elif schedule == "rampup":
+        a = math.exp(-gamma * (1.0 - epoch / max_epochs) ** 2)
     elif schedule == "fixed":
         a = fixed
     else:
         raise ValueError(
-            f"model.cge.momentum_schedule: unknown '{schedule}' (expected linear, exponential, fixed)"
+            f"model.cge.momentum_schedule: unknown '{schedule}' (expected linear, exponential, "
+            "rampup, fixed)"
         )
     return float(min(max(a, 0.0), 1.0))
 
@@ -308,8 +337,9 @@ def gather_for_memory(
 
 
 # -------------------------------------------------------------------------- method
+@register_method("cge", options=CGEOptions)
 class CGE(Baseline):
-    """BoT / AGW + NLC memories + Global Logits Revise (registered as ``cge``).
+    """CGE: BoT / AGW + NLC stripe memories + Global Logits Revise.
 
     BoT vs AGW is chosen by the same config fields as the baseline (``model.non_local``,
     ``model.pooling=gem``, ``loss.metric=wrt``); CGE options live in ``cfg.model.cge``.
@@ -327,7 +357,7 @@ class CGE(Baseline):
 
     def __init__(self, cfg: Config, num_classes: int) -> None:
         super().__init__(cfg, num_classes)
-        opts = cfg.model.cge
+        opts = method_options(cfg, CGEOptions, "cge")
         self.num_stripes = int(opts.num_stripes)
         self.momentum_schedule = opts.momentum_schedule
         self.momentum_fixed = float(opts.momentum_fixed)
@@ -383,13 +413,15 @@ class CGE(Baseline):
             logits = outputs["logits"]
         if not self.use_glr:
             return logits, torch.ones_like(logits), logits
-        if self.revise_target == "probs":
-            revised = revise_log_probs(logits, read, self.memory)
-            w = torch.exp(revised - logits).detach()
-        elif class_maps is not None:
+        if class_maps is not None:
+            # Table 6 revises the class maps themselves (each scaled by w_k, then GAP),
+            # whatever revise_target says about the logit-level revise
             w_grad = glr_weights(read, self.memory)
             revised = feature_level_logits(class_maps, w_grad)
             w = w_grad.detach()
+        elif self.revise_target == "probs":
+            revised = revise_log_probs(logits, read, self.memory)
+            w = torch.exp(revised - logits).detach()
         else:
             w_grad = glr_weights(read, self.memory)
             revised = logits * w_grad.to(logits.dtype)
@@ -412,14 +444,14 @@ class CGE(Baseline):
         return outputs
 
     def compute_loss(
-        self, outputs: dict[str, torch.Tensor], pids: torch.Tensor
+        self, outputs: dict[str, torch.Tensor], batch: Batch
     ) -> dict[str, torch.Tensor]:
         """The baseline's loss terms with the ID loss on the revised prediction (Eqs. 4, 9, 10)."""
         if "revised_logits" not in outputs:
             raise KeyError("CGE.compute_loss needs the training forward's 'revised_logits'")
         revised = dict(outputs)
         revised["logits"] = outputs["revised_logits"]
-        return super().compute_loss(revised, pids)
+        return super().compute_loss(revised, batch)
 
     def on_epoch_start(self, epoch: int, max_epochs: int) -> None:
         super().on_epoch_start(epoch, max_epochs)
@@ -433,10 +465,10 @@ class CGE(Baseline):
         self.momentum.fill_(a)
 
     @torch.no_grad()
-    def on_step_end(self, outputs: dict[str, torch.Tensor], pids: torch.Tensor) -> None:
+    def on_step_end(self, outputs: dict[str, torch.Tensor], batch: Batch) -> None:
         """Memory write (Eq. 1) with all ranks' stripe features, after the optimiser step."""
-        super().on_step_end(outputs, pids)
-        feats, all_pids = gather_for_memory(outputs["stripe_feats"].detach(), pids)
+        super().on_step_end(outputs, batch)
+        feats, all_pids = gather_for_memory(outputs["stripe_feats"].detach(), batch["pids"])
         update_memory(self.memory, feats, all_pids, float(self.momentum))
 
     def classifier_parameters(self):
@@ -448,9 +480,3 @@ class CGE(Baseline):
     def memory_predictions(self, stripe_feats: torch.Tensor) -> torch.Tensor:
         """Per-stripe memory classification: argmax_k cos(f_i, M_{i,k}). (n, B) long."""
         return nlc_scores(stripe_feats, self.memory).argmax(dim=-1)
-
-
-@register_method("cge")
-def build_cge(cfg: Config, num_classes: int) -> CGE:
-    """Build CGE on the BoT or AGW baseline described by ``cfg``."""
-    return CGE(cfg, num_classes)

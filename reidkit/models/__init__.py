@@ -17,13 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from reidkit.models.backbone import Backbone, BackboneTail, split_backbone
 from reidkit.models.heads import BNNeck
+from reidkit.models.ibn import IBN
 from reidkit.models.non_local import NonLocalBlock
 from reidkit.models.pooling import GeM, GlobalAvgPool, GlobalMaxPool, build_pooling
 from reidkit.models.resnet import ResNet, build_resnet
-from reidkit.models.resnet_ibn import IBN
 
 __all__ = [
+    "Backbone",
+    "BackboneTail",
     "BNNeck",
     "GeM",
     "GlobalAvgPool",
@@ -39,6 +42,7 @@ __all__ = [
     "build_pooling",
     "load_pretrained",
     "read_state_dict",
+    "split_backbone",
 ]
 
 logger = logging.getLogger(__name__)

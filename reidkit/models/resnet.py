@@ -24,8 +24,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from reidkit.models.backbone import Backbone
+from reidkit.models.ibn import IBN
 from reidkit.models.non_local import NonLocalBlock
-from reidkit.models.resnet_ibn import IBN
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "build_resnet", "RESNET_DEPTHS"]
 
@@ -124,7 +125,7 @@ RESNET_DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
 }
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """ResNet trunk without the classifier.
 
     Attributes:
@@ -134,7 +135,10 @@ class ResNet(nn.Module):
     ``forward(x)``: ``(B, 3, H, W) -> (B, out_channels, H/16 or H/32, ...)``; with
     ``last_stride=1`` a 256x128 input gives a 16x8 map. ``forward_stages(x)`` returns the
     four stage maps ``[layer1, layer2, layer3, layer4]`` (strides 4, 8, 16, 16/32).
+    Blocks can be inserted after any block (:meth:`~reidkit.models.backbone.Backbone.insert_blocks`).
     """
+
+    stage_names = STAGES
 
     def __init__(
         self,
@@ -164,28 +168,16 @@ class ResNet(nn.Module):
         self.stage_channels = [width * 2**i * block.expansion for i in range(4)]
         self.out_channels = self.stage_channels[-1]
 
-        self._nl_index: dict[str, dict[int, int]] = {}
-        self.non_local_layers: dict[str, list[int]] = {}
-        for name, idxs in (non_local_layers or {}).items():
+        nl = {k: list(v) for k, v in (non_local_layers or {}).items()}
+        for name in nl:
             if name not in STAGES:
                 raise ValueError(
                     f"non_local_layers: unknown stage '{name}' (expected one of {', '.join(STAGES)})"
                 )
-            n_blocks = len(getattr(self, name))
-            idxs = sorted(set(int(i) for i in idxs))
-            bad = [i for i in idxs if not 0 <= i < n_blocks]
-            if bad:
-                raise ValueError(
-                    f"non_local_layers[{name!r}] (config: model.non_local_layers): block indices {bad} out of range; "
-                    f"{name} has {n_blocks} blocks (valid 0..{n_blocks - 1})"
-                )
-            if not idxs:
-                continue
-            channels = self.stage_channels[STAGES.index(name)]
-            blocks = nn.ModuleList(NonLocalBlock(channels, non_local_inner_channels) for _ in idxs)
-            setattr(self, f"nl_{name}", blocks)
-            self._nl_index[name] = {block_idx: j for j, block_idx in enumerate(idxs)}
-            self.non_local_layers[name] = idxs
+        try:
+            self.insert_blocks("nl", nl, lambda c: NonLocalBlock(c, non_local_inner_channels))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (config: model.non_local_layers)") from None
         self._init_weights()
 
     def _make_layer(
@@ -212,39 +204,14 @@ class ResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @property
+    def non_local_layers(self) -> dict[str, list[int]]:
+        """Stage -> block indices followed by a non-local block."""
+        return self.inserted_groups.get("nl", {})
+
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """conv1 -> bn1 -> relu -> maxpool: ``(B, 3, H, W) -> (B, 64, H/4, W/4)``."""
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
-
-    def run_stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Apply stage ``name`` (``"layer1"``..``"layer4"``) with its non-local blocks."""
-        layer: nn.Sequential = getattr(self, name)
-        nl_index = self._nl_index.get(name)
-        if not nl_index:
-            return layer(x)
-        nl_blocks: nn.ModuleList = getattr(self, f"nl_{name}")
-        for i, block in enumerate(layer):
-            x = block(x)
-            j = nl_index.get(i)
-            if j is not None:
-                x = nl_blocks[j](x)
-        return x
-
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``(B, 3, H, W)`` -> ``[layer1, layer2, layer3, layer4]`` output maps."""
-        x = self.stem(x)
-        outs = []
-        for name in STAGES:
-            x = self.run_stage(name, x)
-            outs.append(x)
-        return outs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W) -> (B, out_channels, h, w)`` final (layer4) map."""
-        x = self.stem(x)
-        for name in STAGES:
-            x = self.run_stage(name, x)
-        return x
 
 
 def build_resnet(

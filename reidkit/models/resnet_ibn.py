@@ -9,40 +9,15 @@ IBN-Net public code. Key names follow that code (``layer1.0.bn1.IN.weight``,
 
 from __future__ import annotations
 
-import torch
 from torch import nn
+
+from reidkit.models.ibn import IBN
+from reidkit.models.resnet import build_resnet
 
 __all__ = ["IBN", "resnet50_ibn_a", "resnet101_ibn_a", "resnet18_ibn_a", "resnet34_ibn_a"]
 
 
-class IBN(nn.Module):
-    """Half InstanceNorm (affine), half BatchNorm over the channel dimension.
-
-    Args:
-        planes: number of channels ``C``.
-        ratio: fraction of channels normalised by InstanceNorm (``int(C * ratio)``).
-
-    Shape: ``(B, C, H, W) -> (B, C, H, W)``.
-    """
-
-    def __init__(self, planes: int, ratio: float = 0.5) -> None:
-        super().__init__()
-        if not 0 < ratio < 1:
-            raise ValueError(f"IBN ratio must be in (0, 1), got {ratio}")
-        self.half = int(planes * ratio)
-        if self.half < 1 or self.half >= planes:
-            raise ValueError(f"IBN needs at least 2 channels, got planes={planes}")
-        self.IN = nn.InstanceNorm2d(self.half, affine=True)
-        self.BN = nn.BatchNorm2d(planes - self.half)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
-        return torch.cat([self.IN(a), self.BN(b)], dim=1)
-
-
 def _build(depth: int, **kwargs) -> nn.Module:
-    from reidkit.models.resnet import build_resnet
-
     return build_resnet(depth, ibn=True, **kwargs)
 
 

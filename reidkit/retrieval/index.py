@@ -54,6 +54,16 @@ def _as_float32(x: np.ndarray | torch.Tensor, name: str, dim: int | None = None)
     return a
 
 
+def check_vector_method(method: Any) -> None:
+    """Refuse a method whose query-gallery score is not a distance between its vectors."""
+    if method is not None and not getattr(method, "exportable", True):
+        name = method.__name__ if isinstance(method, type) else type(method).__name__
+        raise ValueError(
+            f"{name} scores query-gallery pairs itself (not a distance between vectors); a "
+            "FAISS index of its features would not rank as the method does"
+        )
+
+
 def _normalize(a: np.ndarray) -> np.ndarray:
     n = np.linalg.norm(a, axis=1, keepdims=True)
     return a / np.maximum(n, 1e-12)
@@ -139,9 +149,16 @@ class GalleryIndex:
         paths: Sequence[str] | None = None,
         pids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
         camids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        method: Any = None,
         **kwargs: Any,
     ) -> GalleryIndex:
-        """Create, train (IVF kinds) and fill an index from ``(N, D)`` features."""
+        """Create, train (IVF kinds) and fill an index from ``(N, D)`` features.
+
+        ``method``: the re-ID method (or its class) that produced the features; one whose
+        score is not a vector distance (``exportable = False``, e.g. pairwise re-scoring)
+        is refused, since a vector index would rank differently from its evaluation.
+        """
+        check_vector_method(method)
         a = _as_float32(feats, "feats")
         index = cls(a.shape[1], **kwargs)
         if not index.is_trained:
