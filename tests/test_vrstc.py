@@ -237,10 +237,10 @@ def test_temporal_attention_checkpoint_and_chunks_same_gradients():
         torch.testing.assert_close(gc, grads[0][0])
         torch.testing.assert_close(ga, grads[0][1])
     assert torch.autograd.gradcheck(
-        lambda a, b: temporal_attention(a, b, chunk_rows=3),
+        lambda a, b: temporal_attention(a, b, chunk_rows=2),
         (
-            cur[:1, :2, :4, :3].detach().requires_grad_(),
-            adj[:1, :2, :4, :3].detach().requires_grad_(),
+            cur[:1, :2, :3, :3].detach().requires_grad_(),
+            adj[:1, :2, :3, :3].detach().requires_grad_(),
         ),
     )
 
