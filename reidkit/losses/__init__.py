@@ -27,6 +27,7 @@ from reidkit.losses.pairwise import (
     sphere_loss,
 )
 from reidkit.losses.softmax import CrossEntropyLabelSmooth, cross_entropy_label_smooth
+from reidkit.losses.tkp import tkp_distance_loss, tkp_feature_loss
 from reidkit.losses.triplet import (
     TripletLoss,
     WeightedRegularizedTripletLoss,
@@ -65,6 +66,8 @@ __all__ = [
     "overlapped_activation_penalty",
     "pair_masks",
     "sphere_loss",
+    "tkp_distance_loss",
+    "tkp_feature_loss",
     "triplet_batch_hard",
     "weighted_regularized_triplet",
 ]
