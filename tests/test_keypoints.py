@@ -316,3 +316,28 @@ def test_datasets_stats_reports_keypoint_coverage(tmp_path, capsys):
     kp.write_text("[")
     assert main([*args, "--option", f"keypoints={kp}"]) == 1
     assert "kp.json: invalid JSON" in capsys.readouterr().err
+
+
+def test_synthetic_keypoints_pass_the_checks_unchanged(tmp_path):
+    from reidkit.data.synth import SynthPreset, generate
+
+    micro = SynthPreset("micro", 3, 3, 6, 6, 8, 2, 2, min_train_images_per_id=2)
+    out = tmp_path / "synth-micro"
+    generate(out, micro, seed=3, workers=1, progress=False, height=64, width=32)
+    merged = {}
+    for folder in ("bounding_box_train", "query", "bounding_box_test"):
+        for name, kp in json.loads((out / "keypoints" / f"{folder}.json").read_text()).items():
+            merged[f"{folder}/{name}"] = kp
+    kp_file = write(tmp_path / "all.json", merged)
+    auto = build_dataset("synth", tmp_path, preset="micro")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every image matched, nothing unmatched
+        ds = build_dataset("synth", tmp_path, preset="micro", keypoints=str(kp_file))
+    # the junk boxes (pid -1) have records but are not part of the dataset: notes only
+    assert any("2 record(s) for image files the dataset leaves out" in n for n in ds.notes)
+    for split in ("train", "query", "gallery"):
+        got = [r.extras["keypoints"] for r in getattr(ds, split)]
+        want = [
+            [[float(v) for v in row] for row in r.extras["keypoints"]] for r in getattr(auto, split)
+        ]
+        assert got == want

@@ -23,6 +23,7 @@ from reidkit.data.datasets import build_dataset  # noqa: E402
 from reidkit.data.pose import (  # noqa: E402
     OnnxPoseModel,
     decode_heatmaps,
+    estimate_keypoints,
     letterbox,
     preprocess_image,
 )
@@ -217,6 +218,54 @@ def test_command_finds_dots_through_an_image_driven_model(tmp_path, flip):
     for key, rows in data.items():
         x0, y0 = dots[Path(key).name.replace(".png", ".jpg")]
         assert rows == [[x0 + 1.0, y0 + 1.0, 2]] * 17, key
+
+
+def mirror_equivariant_model(path: Path) -> Path:
+    """Left-side channels (odd) pool red * ramp, right-side channels (even) red * mirrored
+    ramp: mirroring the image mirrors the heatmaps and swaps left / right, like a real
+    pose model. The ramp grows to the right, so of two equal dots left channels peak at the
+    right one and right channels at the left one."""
+    ramp = np.broadcast_to(1 + np.arange(192, dtype=np.float32) / 192, (1, 3, 256, 192))
+    w_left = np.zeros((17, 3, 4, 4), np.float32)
+    w_left[1::2, 0] = 1 / 16
+    w_right = np.zeros((17, 3, 4, 4), np.float32)
+    w_right[0::2, 0] = 1 / 16
+    nodes = [
+        helper.make_node("Add", ["image", "shift"], ["positive"]),  # black = -2.12 -> 0.38
+        helper.make_node("Mul", ["positive", "ramp"], ["a"]),
+        helper.make_node("Mul", ["positive", "ramp_mirrored"], ["b"]),
+        helper.make_node("Conv", ["a", "w_left"], ["left"], strides=[4, 4]),
+        helper.make_node("Conv", ["b", "w_right"], ["right"], strides=[4, 4]),
+        helper.make_node("Add", ["left", "right"], ["heatmaps"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.asarray(2.5, np.float32), "shift"),
+        numpy_helper.from_array(np.ascontiguousarray(ramp), "ramp"),
+        numpy_helper.from_array(np.ascontiguousarray(ramp[..., ::-1]), "ramp_mirrored"),
+        numpy_helper.from_array(w_left, "w_left"),
+        numpy_helper.from_array(w_right, "w_right"),
+    ]
+    return save_model(path, nodes, inits, "N")
+
+
+def test_flip_test_swaps_left_and_right(tmp_path):
+    arr = np.zeros((128, 96, 3), np.uint8)
+    arr[40:42, 10:12] = 255  # dot A, left in the image
+    arr[70:72, 80:82] = 255  # dot B, right
+    Image.fromarray(arr).save(tmp_path / "crop.png")
+    model = OnnxPoseModel(mirror_equivariant_model(tmp_path / "m.onnx"), "cpu", threads=1)
+    for flip in (False, True):
+        coords, scores, sizes = estimate_keypoints(
+            model, [str(tmp_path / "crop.png")], padding=1.0, flip_test=flip, progress=False
+        )
+        assert sizes.tolist() == [[96, 128]]
+        for k in range(1, 17):
+            # left points at B, right ones at A; the ramp tilts the quarter-pixel step in x
+            # (in y the neighbours tie up to float rounding: a quarter step either way)
+            want_x, want_y = (81.5, 71.0) if k % 2 else (10.5, 41.0)
+            assert coords[0, k, 0] == want_x, (flip, k)
+            assert abs(coords[0, k, 1] - want_y) <= 0.5, (flip, k)
+        assert (scores[0] > 0).all()
 
 
 def test_model_shape_errors(tmp_path):

@@ -415,9 +415,10 @@ def attach_keypoints(
     coordinates are all within [0, 1] is an error (normalised, not pixels).
 
     An image without an entry gets all-invisible keypoints (zeros) and is counted in one
-    warning; entries matching no image are counted in another. Entries matching none of
-    the dataset's images, two entries for one image, or one key naming two images are
-    errors.
+    warning; entries matching no image are counted in another (entries for image files
+    the parser leaves out on purpose, such as junk boxes, only in the notes). Entries
+    matching none of the dataset's images, two entries for one image, or one key naming
+    two images are errors.
 
     Args:
         splits: ``{"train": [...], "query": [...], "gallery": [...]}``.
@@ -548,6 +549,14 @@ def attach_keypoints(
         )
         notes.append(msg)
         warnings.warn(msg, stacklevel=3)
+    left_out = _left_out(unmatched, splits, dataset_dir)
+    if left_out:
+        notes.append(
+            f"keypoint file {path}: {len(left_out)} record(s) for image files the dataset "
+            f"leaves out (junk boxes, skipped images), e.g. {left_out[0]!r}"
+        )
+    left_set = set(left_out)
+    unmatched = [k for k in unmatched if k not in left_set]
     if unmatched:
         msg = (
             f"{dataset}: keypoint file {path}: {len(unmatched)} record(s) match no image of "
@@ -556,6 +565,27 @@ def attach_keypoints(
         notes.append(msg)
         warnings.warn(msg, stacklevel=3)
     return out, notes
+
+
+def _left_out(
+    keys: Sequence[str], splits: Mapping[str, list[ImageRecord]], dataset_dir: str
+) -> list[str]:
+    """The unmatched keys that name an existing file in the dataset folder or next to its
+    images: images the parser dropped on purpose (junk pid -1, ``skip_corrupt``), not a
+    sign of a wrong file."""
+    if not keys:
+        return []
+    folders = sorted({os.path.dirname(r.path) for recs in splits.values() for r in recs})
+    if len(folders) > 16:  # per-identity folders (MSMT17): only keys relative to the dataset
+        folders = []
+    out = []
+    for key in keys:
+        norm = _normalise_key(key)
+        candidates = [os.path.join(dataset_dir, norm)] if dataset_dir else []
+        candidates += [os.path.join(f, os.path.basename(norm)) for f in folders]
+        if any(os.path.isfile(c) for c in candidates):
+            out.append(key)
+    return out
 
 
 # ------------------------------------------------------------------------ consuming
