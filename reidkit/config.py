@@ -70,7 +70,7 @@ class DataConfig(_Section):
     test_batch_size: int = Field(128, gt=0)
     num_workers: int = Field(2, ge=0)
     skip_corrupt: bool = False  # count and skip unreadable images instead of failing
-    keypoints: str | None = None  # keypoint file for datasets that ship none (docs/keypoints.md)
+    keypoints: str | None = None  # COCO-17 keypoint file for every split (docs/keypoints.md)
 
 
 # -------------------------------------------------------------------------- model

@@ -7,7 +7,9 @@ and 0-based camids (-1 = unknown). Folder layouts and preparation: docs/datasets
 
 Options understood by every dataset: ``check_files`` (stat every image, default True),
 ``verify_images`` (Pillow ``verify()`` every image, default False), ``skip_corrupt`` (drop
-and count bad images instead of raising), ``num_workers`` (threads for the checks).
+and count bad images instead of raising), ``num_workers`` (threads for the checks),
+``keypoints`` (a COCO-17 keypoint file attached to every image, docs/keypoints.md) with
+``keypoint_images`` / ``keypoint_threshold`` for COCO results files.
 Dataset-specific options: see :func:`available_datasets` / each ``load_*`` function.
 """
 
@@ -116,10 +118,11 @@ def build_dataset(name: str, root: str | os.PathLike, **options: Any) -> ReIDDat
         root: the data root holding the dataset folder (torchreid / fast-reid style), or
             the dataset folder itself.
         **options: common options (``check_files``, ``verify_images``, ``skip_corrupt``,
-            ``num_workers``) and dataset-specific ones: ``msmt17``: ``version``
-            (auto/v1/v2), ``merge_val``; ``cuhk03``: ``variant`` (labeled/detected),
-            ``source`` (auto/np/mat), ``classic_split``, ``split_id``; ``custom``:
-            ``manifest``, ``cam_pattern``; ``synth``: ``preset``.
+            ``num_workers``, ``keypoints``, ``keypoint_images``, ``keypoint_threshold``)
+            and dataset-specific ones: ``msmt17``: ``version`` (auto/v1/v2), ``merge_val``;
+            ``cuhk03``: ``variant`` (labeled/detected), ``source`` (auto/np/mat),
+            ``classic_split``, ``split_id``; ``custom``: ``manifest``, ``cam_pattern``;
+            ``synth``: ``preset``.
 
     Raises:
         DatasetError: unknown name or option, missing folders, bad names, empty splits,
@@ -142,8 +145,8 @@ def dataset_from_config(data_cfg: Any, **overrides: Any) -> ReIDDataset:
     """Build the dataset described by a ``DataConfig`` (``cfg.data``).
 
     Maps ``cuhk03_variant`` -> ``variant``, ``cuhk03_classic_split`` -> ``classic_split``,
-    ``custom_manifest`` -> ``manifest``, ``synth_preset`` -> ``preset`` and
-    ``skip_corrupt``; only the options the chosen dataset accepts are passed. Extra
+    ``custom_manifest`` -> ``manifest``, ``synth_preset`` -> ``preset``, ``skip_corrupt``
+    and ``keypoints``; only the options the chosen dataset accepts are passed. Extra
     keyword ``overrides`` (e.g. ``verify_images=True``) are passed through.
     """
     key, fn = _resolve(data_cfg.dataset)
@@ -156,6 +159,8 @@ def dataset_from_config(data_cfg: Any, **overrides: Any) -> ReIDDataset:
     allowed = set(_specific_options(fn))
     options = {k: v for k, v in candidates.items() if k in allowed and v is not None}
     options["skip_corrupt"] = bool(getattr(data_cfg, "skip_corrupt", False))
+    if getattr(data_cfg, "keypoints", None):
+        options["keypoints"] = data_cfg.keypoints
     options.update(overrides)
     return build_dataset(key, data_cfg.root, **options)
 

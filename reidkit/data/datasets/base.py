@@ -47,12 +47,21 @@ class LoadOptions:
         verify_images: additionally open every image with Pillow and ``verify()`` it.
         skip_corrupt: drop images failing the checks (and count them) instead of raising.
         num_workers: threads used for the checks (and for CUHK03 ``.mat`` conversion).
+        keypoints: a COCO-17 keypoint file (simple JSON or COCO; docs/keypoints.md) whose
+            records become every image's ``extras["keypoints"]`` (replacing keypoints the
+            parser found itself); images without a record get all-invisible keypoints.
+        keypoint_images: COCO results only: a file with the ``images`` list mapping
+            ``image_id`` to ``file_name``.
+        keypoint_threshold: COCO results only: confidence at which a keypoint is visible.
     """
 
     check_files: bool = True
     verify_images: bool = False
     skip_corrupt: bool = False
     num_workers: int = 8
+    keypoints: str | None = None
+    keypoint_images: str | None = None
+    keypoint_threshold: float = 0.2
 
 
 @dataclass
@@ -277,6 +286,19 @@ def finalize_dataset(
                 f"{bad[0].reason})",
                 stacklevel=3,
             )
+    if opts.keypoints:
+        from reidkit.data.keypoints import attach_keypoints
+
+        splits, kp_notes = attach_keypoints(
+            splits,
+            opts.keypoints,
+            dataset=name,
+            dataset_dir=dataset_dir,
+            images=opts.keypoint_images,
+            score_threshold=opts.keypoint_threshold,
+            num_workers=opts.num_workers,
+        )
+        notes.extend(kp_notes)
     for s in SPLITS:
         if not splits[s]:
             src = f" (read from {sources[s]})" if s in sources else ""

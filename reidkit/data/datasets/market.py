@@ -90,7 +90,8 @@ def parse_market_layout(
                 continue
             extras = {}
             if kp:
-                rows = kp.get(os.path.basename(path))
+                base = os.path.basename(path)  # keys: file names or <folder>/<file name>
+                rows = kp.get(base, kp.get(f"{folder_name}/{base}"))
                 if rows is not None:
                     extras["keypoints"] = rows
             records.append(ImageRecord(path=path, pid=pid, camid=cam - 1, extras=extras))
