@@ -35,8 +35,16 @@ from .layout import (
 )
 from .layout import _sample_counts as _sample_counts  # noqa: F401  (tests, tools)
 from .layout import _split_over as _split_over  # noqa: F401
-from .preview import write_preview
-from .rendering import COCO_KEYPOINT_NAMES, Tracklet, render_sample
+from .preview import write_preview, write_video_preview
+from .rendering import COCO_KEYPOINT_NAMES, OCCLUDER_KINDS, Tracklet, render_sample
+from .video import (
+    VIDEO_PRESETS,
+    VideoPreset,
+    format_video_summary,
+    generate_video,
+    mars_frame_name,
+    render_tracklet,
+)
 
 __all__ = [
     "PRESETS",
@@ -46,6 +54,14 @@ __all__ = [
     "generate",
     "format_summary",
     "write_preview",
+    "VIDEO_PRESETS",
+    "VideoPreset",
+    "OCCLUDER_KINDS",
+    "generate_video",
+    "format_video_summary",
+    "write_video_preview",
+    "mars_frame_name",
+    "render_tracklet",
     "sample_identity",
     "render_sample",
     "apply_camera",

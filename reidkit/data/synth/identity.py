@@ -23,6 +23,8 @@ __all__ = [
     "CUE_KEYS",
     "FAMILY_VARYING_CUES",
     "sample_identity",
+    "draw_family_group",
+    "draw_distractor_people",
 ]
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -174,3 +176,67 @@ def _make_family(
             seen.add(sig)
             members.append(member)
     return members, varies
+
+
+def draw_family_group(
+    rng: np.random.Generator,
+    n: int,
+    split: str,
+    persons: list[dict[str, Any]],
+    families: dict[str, dict[str, Any]],
+) -> list[int]:
+    """Draw ``n`` identities in look-alike families of 1-4 and append them to ``persons``
+    (``{"family", "attrs"}``) and their families to ``families``
+    (``{"split", "varies", "members": []}``).
+
+    Returns:
+        the indices of the new persons in ``persons``.
+    """
+    idx: list[int] = []
+    while len(idx) < n:
+        size = int(min(n - len(idx), rng.choice([1, 2, 3, 4], p=[0.2, 0.3, 0.3, 0.2])))
+        members, varies = _make_family(rng, size)
+        fid = len(families)
+        families[str(fid)] = {"split": split, "varies": varies, "members": []}
+        for attrs in members:
+            attrs = dict(attrs)
+            persons.append({"family": fid, "attrs": attrs})
+            idx.append(len(persons) - 1)
+    return idx
+
+
+def draw_distractor_people(
+    rng: np.random.Generator,
+    n: int,
+    test_idx: Sequence[int],
+    persons: list[dict[str, Any]],
+    families: dict[str, dict[str, Any]],
+) -> list[int]:
+    """Append ``n`` distractor people (pid 0) to ``persons``: about half of them are new
+    look-alikes of a test family (never a copy of a member), the rest unrelated people.
+
+    Returns:
+        the indices of the new persons in ``persons``.
+    """
+    test_fams = sorted({persons[i]["family"] for i in test_idx})
+    dis_idx = []
+    for _ in range(n):
+        fid = int(rng.choice(test_fams))
+        fam = families[str(fid)]
+        attrs = None
+        if fam["varies"] and rng.random() < 0.5:
+            kin = [p["attrs"] for p in persons if p["family"] == fid]
+            taken = {_cue_signature(a, fam["varies"]) for a in kin}
+            for _try in range(20):  # a new member, never a copy of an existing one
+                cand = dict(kin[0])
+                for cue in fam["varies"]:
+                    cand.update(_sample_cue(rng, cue, cand))
+                if _cue_signature(cand, fam["varies"]) not in taken:
+                    attrs = cand
+                    break
+        if attrs is not None:
+            persons.append({"family": fid, "attrs": attrs, "pid": 0})
+        else:
+            persons.append({"family": None, "attrs": sample_identity(rng), "pid": 0})
+        dis_idx.append(len(persons) - 1)
+    return dis_idx

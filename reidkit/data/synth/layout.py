@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from .camera import _YAW_DIRS, Camera, _background, _make_cameras
-from .identity import _cue_signature, _make_family, _sample_cue, sample_identity
+from .identity import draw_distractor_people, draw_family_group
 from .preview import write_preview
 from .rendering import COCO_KEYPOINT_NAMES, Tracklet, render_sample
 
@@ -250,49 +250,15 @@ def _plan(
     families: dict[str, dict[str, Any]] = {}
     identities: dict[str, dict[str, Any]] = {}
 
-    def make_group(n: int, split: str) -> list[int]:
-        """Person indices of ``n`` identities in look-alike families."""
-        idx: list[int] = []
-        while len(idx) < n:
-            size = int(min(n - len(idx), rng.choice([1, 2, 3, 4], p=[0.2, 0.3, 0.3, 0.2])))
-            members, varies = _make_family(rng, size)
-            fid = len(families)
-            families[str(fid)] = {"split": split, "varies": varies, "members": []}
-            for attrs in members:
-                attrs = dict(attrs)
-                persons.append({"family": fid, "attrs": attrs})
-                idx.append(len(persons) - 1)
-        return idx
-
-    train_idx = make_group(preset.num_train_ids, "train")
-    test_idx = make_group(preset.num_test_ids, "test")
+    train_idx = draw_family_group(rng, preset.num_train_ids, "train", persons, families)
+    test_idx = draw_family_group(rng, preset.num_test_ids, "test", persons, families)
     pids = (rng.permutation(preset.num_train_ids + preset.num_test_ids) + 1).tolist()
     for person, pid in zip(train_idx + test_idx, pids):
         persons[person]["pid"] = int(pid)
 
     # distractor people: some are extra look-alikes of test families
     n_dis_people = max(1, math.ceil(preset.num_distractors / 3)) if preset.num_distractors else 0
-    test_fams = sorted({persons[i]["family"] for i in test_idx})
-    dis_idx = []
-    for _ in range(n_dis_people):
-        fid = int(rng.choice(test_fams))
-        fam = families[str(fid)]
-        attrs = None
-        if fam["varies"] and rng.random() < 0.5:
-            kin = [p["attrs"] for p in persons if p["family"] == fid]
-            taken = {_cue_signature(a, fam["varies"]) for a in kin}
-            for _try in range(20):  # a new member, never a copy of an existing one
-                cand = dict(kin[0])
-                for cue in fam["varies"]:
-                    cand.update(_sample_cue(rng, cue, cand))
-                if _cue_signature(cand, fam["varies"]) not in taken:
-                    attrs = cand
-                    break
-        if attrs is not None:
-            persons.append({"family": fid, "attrs": attrs, "pid": 0})
-        else:
-            persons.append({"family": None, "attrs": sample_identity(rng), "pid": 0})
-        dis_idx.append(len(persons) - 1)
+    dis_idx = draw_distractor_people(rng, n_dis_people, test_idx, persons, families)
 
     namer = _Namer()
     tasks: list[_Task] = []

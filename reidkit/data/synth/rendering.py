@@ -737,3 +737,108 @@ def render_sample(
             hidden |= hidden_by_mask(kxy, np.asarray(mask))
         kps = keypoint_rows(kxy, hidden, ss, height, width)
     return apply_camera(canvas.reduce(ss), camera, rng), kps
+
+
+# ------------------------------------------------------------------ passing occluders
+#: Kinds of occluder that pass in front of a walking person in the video set.
+OCCLUDER_KINDS = ("pole", "pedestrian", "car", "bag")
+
+
+def draw_occluder(
+    draw: ImageDraw.ImageDraw,
+    mdraw: ImageDraw.ImageDraw,
+    kind: str,
+    params: dict[str, Any],
+    cx: float,
+    t: float,
+    cw: int,
+    ch: int,
+) -> None:
+    """Draw one occluder of the video set at horizontal centre ``cx`` (canvas pixels) on
+    the canvas (``draw``) and, in 255, on its mask (``mdraw``).
+
+    Args:
+        kind: one of :data:`OCCLUDER_KINDS`.
+        params: its appearance, drawn once per event (fractions of ``cw`` / ``ch``):
+            pole ``width, colour``; pedestrian ``attrs, height, top, yaw, phase0, dphase,
+            stride``; car ``length, height, colour``; bag ``width, height, yc, colour``.
+        t: frames since the event started (animates a pedestrian's gait).
+        cw, ch: canvas size.
+    """
+    both = ((draw, None), (mdraw, 255))
+    if kind == "pole":
+        hw = params["width"] * cw / 2
+        colour = tuple(params["colour"])
+        for d_, f in both:
+            d_.rectangle((cx - hw, 0, cx + hw, ch), fill=f or colour)
+        draw.rectangle((cx - hw, 0, cx - hw * 0.45, ch), fill=_shade(colour, 1.3))
+        draw.rectangle((cx + hw * 0.6, 0, cx + hw, ch), fill=_shade(colour, 0.75))
+    elif kind == "pedestrian":
+        shapes, *_ = _person_shapes(
+            params["attrs"],
+            params["yaw"],
+            params["phase0"] + params["dphase"] * t,
+            params["stride"],
+            cx,
+            params["top"] * ch,
+            params["height"] * ch,
+        )
+        for shape in _sorted(shapes):
+            _draw(draw, shape)
+            _draw(mdraw, shape, fill=255)
+    elif kind == "car":
+        length, height = params["length"] * cw, params["height"] * ch
+        x0, x1 = cx - length / 2, cx + length / 2
+        y0 = ch - height
+        colour = tuple(params["colour"])
+        body = (x0, y0 + 0.35 * height, x1, ch + 0.1 * height)
+        cabin = [
+            (x0 + 0.22 * length, y0 + 0.36 * height),
+            (x0 + 0.32 * length, y0),
+            (x1 - 0.3 * length, y0),
+            (x1 - 0.18 * length, y0 + 0.36 * height),
+        ]
+        for d_, f in both:
+            d_.rounded_rectangle(body, radius=0.12 * height, fill=f or colour)
+            d_.polygon(cabin, fill=f or colour)
+        glass = (52, 64, 78)
+        inset = 0.06 * height
+        draw.polygon(
+            [
+                (cabin[0][0] + 2 * inset, cabin[0][1]),
+                (cabin[1][0] + inset, cabin[1][1] + inset),
+                (cabin[2][0] - inset, cabin[2][1] + inset),
+                (cabin[3][0] - 2 * inset, cabin[3][1]),
+            ],
+            fill=glass,
+        )
+        draw.line(
+            [(x0, y0 + 0.55 * height), (x1, y0 + 0.55 * height)],
+            fill=_shade(colour, 0.7),
+            width=max(1, int(0.02 * height)),
+        )
+        r = 0.17 * height
+        for wx in (x0 + 0.2 * length, x1 - 0.2 * length):
+            for d_, f in both:
+                d_.ellipse((wx - r, ch - 1.2 * r, wx + r, ch + 0.8 * r), fill=f or (24, 24, 26))
+    elif kind == "bag":
+        w, h = params["width"] * cw, params["height"] * ch
+        yc = params["yc"] * ch
+        colour = tuple(params["colour"])
+        box = (cx - w / 2, yc - h / 2, cx + w / 2, yc + h / 2)
+        # a handle arch (two posts and a bar) on top: the background shows through it
+        top, post = yc - h / 2, 0.06 * w
+        handle = [
+            (cx - 0.2 * w, top - 0.2 * h, cx - 0.2 * w + post, top),
+            (cx + 0.2 * w - post, top - 0.2 * h, cx + 0.2 * w, top),
+            (cx - 0.2 * w, top - 0.2 * h, cx + 0.2 * w, top - 0.2 * h + post),
+        ]
+        for d_, f in both:
+            d_.rounded_rectangle(box, radius=0.12 * min(w, h), fill=f or colour)
+            for rect in handle:
+                d_.rectangle(rect, fill=f or _shade(colour, 0.6))
+        draw.line(
+            [(box[0], yc), (box[2], yc)], fill=_shade(colour, 0.8), width=max(1, int(0.04 * h))
+        )
+    else:
+        raise ValueError(f"unknown occluder kind {kind!r}; expected one of {OCCLUDER_KINDS}")
