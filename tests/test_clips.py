@@ -353,3 +353,22 @@ def test_clip_options_validation_and_from_config() -> None:
 
     opts = clip_options_from_config(Cfg(), stride=4)
     assert (opts.seq_len, opts.sampling, opts.chunk_len, opts.stride) == (6, "evenly", 16, 4)
+
+
+def test_batch_normalisation_in_collate_equals_per_clip_float_items(tracklets) -> None:
+    """The loaders ship uint8 clips and normalise + erase the whole batch in the collate;
+    the batch equals the float clips the dataset gives item by item with the same seeds."""
+    cfg = _cfg(random_erasing_p=0.7)
+    clip = ClipOptions(seq_len=4, sampling="tkp", stride=2)
+    loader = build_clip_train_loader(cfg, tracklets, clip)
+    loader.set_epoch(2)
+    batch = next(iter(loader))
+    reference = ClipDataset(
+        tracklets, loader.dataset.transform, seq_len=4, sampling="tkp", stride=2
+    )
+    pairs = list(loader.sampler)[: len(batch["pids"])]
+    items = [reference[p] for p in pairs]
+    expected = torch.stack([it["clip"] for it in items])
+    assert batch["clips"].dtype == torch.float32
+    assert torch.allclose(batch["clips"], expected, atol=1e-6)
+    assert [it["index"] for it in items] == batch["index"].tolist()

@@ -57,6 +57,8 @@ from .records import TrackletRecord
 from .samplers import PKSampler, ShuffleSampler
 from .transforms import (
     Compose,
+    Normalize,
+    RandomErasing,
     RandomHorizontalFlip,
     Resize,
     Transform,
@@ -74,6 +76,7 @@ __all__ = [
     "sample_clip",
     "chunk_clip",
     "collate_clips",
+    "ClipCollate",
     "build_clip_train_loader",
     "build_clip_test_loader",
     "clip_options_from_config",
@@ -343,6 +346,7 @@ class ClipDataset(Dataset):
         self.base_seed = int(base_seed)
         self.num_skipped = 0
         self.defer_normalize = bool(defer_normalize)
+        self.batch_normalized = False  # set by the loader builders (ClipCollate normalises)
         self.head: list[Transform] = []
         self.normalize = None
         self.erasing = None
@@ -461,7 +465,8 @@ class ClipDataset(Dataset):
                 "the clip transform returned a uint8 tensor; it must end in Normalize or ToTensor"
             )
         item: dict[str, Any] = {
-            "clip": clip.contiguous(),
+            # uint8 clips are copied into the batch anyway (channels-last -> contiguous there)
+            "clip": clip if self.defer_normalize else clip.contiguous(),
             "clip_mask": torch.from_numpy(valid),
             "frames": torch.from_numpy(np.where(valid, idx, -1)),
             "pid": int(record.pid),
@@ -479,19 +484,22 @@ class ClipDataset(Dataset):
 
 
 # ----------------------------------------------------------------------- collation
-def _padded(items: list[dict[str, Any]], key: str, length: int) -> Tensor:
+def _empty(like: Tensor, shape: Sequence[int], dtype: torch.dtype, shared: bool) -> Tensor:
+    """An empty tensor, in shared memory when ``shared`` and inside a DataLoader worker (the
+    batch then travels to the main process without the copy the worker would make)."""
+    if not shared or get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=dtype, device=like.device)
+    numel = int(np.prod(shape))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    storage = like.untyped_storage()._new_shared(numel * itemsize, device=like.device)
+    return torch.empty(0, dtype=dtype, device=like.device).set_(storage).view(*shape)
+
+
+def _padded(items: list[dict[str, Any]], key: str, length: int, shared: bool = True) -> Tensor:
     """Stack ``item[key]`` (T_i, ...) into (B, length, ...), padding by repeating each
-    item's last entry; written into shared memory inside a DataLoader worker."""
+    item's last entry."""
     elem = items[0][key]
-    shape = (len(items), length, *elem.shape[1:])
-    if get_worker_info() is None:
-        out = elem.new_empty(shape)
-    else:
-        numel = int(np.prod(shape))
-        storage = elem.untyped_storage()._new_shared(
-            numel * elem.element_size(), device=elem.device
-        )
-        out = elem.new(storage).resize_(*shape)
+    out = _empty(elem, (len(items), length, *elem.shape[1:]), elem.dtype, shared)
     for b, it in enumerate(items):
         x = it[key]
         t = x.shape[0]
@@ -501,7 +509,9 @@ def _padded(items: list[dict[str, Any]], key: str, length: int) -> Tensor:
     return out
 
 
-def collate_clips(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+def collate_clips(
+    items: Sequence[dict[str, Any] | None], _shared_clips: bool = True
+) -> dict[str, Any]:
     """Batch clip items (``None`` items, i.e. clips without a readable frame, are dropped).
 
     Clips of different lengths are padded to the longest (last real frame repeated,
@@ -527,7 +537,7 @@ def collate_clips(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         mask[b, :t] = it["clip_mask"]
         frames[b, :t] = it["frames"]
     batch: dict[str, Any] = {
-        "clips": _padded(kept, "clip", length),
+        "clips": _padded(kept, "clip", length, _shared_clips),
         "clip_mask": mask,
         "frames": frames,
         "pids": torch.tensor([it["pid"] for it in kept], dtype=torch.long),
@@ -543,6 +553,44 @@ def collate_clips(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     if all("erase_box" in it for it in kept):
         batch["erase_boxes"] = torch.stack([it["erase_box"] for it in kept])
     return batch
+
+
+_CACHE_ELEMENTS = 1 << 18  # float32 values normalised per step (1 MiB)
+
+
+class ClipCollate:
+    """:func:`collate_clips` for a dataset that ships ``uint8`` clips, then (unless the
+    loader defers it to the device) the batch's normalisation and erasing in one pass each,
+    written straight into the float batch the worker sends. Same values as normalising
+    every clip on its own, with less memory traffic."""
+
+    def __init__(self, normalize: Normalize | None, erasing: RandomErasing | None) -> None:
+        self.normalize, self.erasing = normalize, erasing
+
+    def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        if self.normalize is None:
+            return collate_clips(items)
+        batch = collate_clips(items, _shared_clips=False)
+        clips = batch["clips"]
+        boxes = batch.pop("erase_boxes", None)
+        if clips.numel() == 0 or clips.dtype != torch.uint8:
+            return batch
+        b, t = clips.shape[:2]
+        out = _empty(clips, clips.shape, torch.float32, shared=True)
+        flat = out.view(b * t, *clips.shape[2:])
+        src = clips.view_as(flat)
+        scale, shift = self.normalize._scale_u8, self.normalize._shift
+        # (x - mean) / std as Normalize computes it, in cache-sized groups of frames: one
+        # pass over a whole batch of 256 x 128 frames is several times slower
+        step = max(1, _CACHE_ELEMENTS // max(1, flat[0].numel()))
+        for i in range(0, b * t, step):
+            block = flat[i : i + step]
+            block.copy_(src[i : i + step])
+            block.mul_(scale).add_(shift)
+        if self.erasing is not None and boxes is not None:
+            self.erasing.erase_batch(flat, boxes.repeat_interleave(t, dim=0))
+        batch["clips"] = out
+        return batch
 
 
 # ----------------------------------------------------------------------- loaders
@@ -561,7 +609,12 @@ class ClipDataLoader(ReIDDataLoader):
         }
         boxes = out.pop("erase_boxes", None)
         ds = self.dataset
-        if isinstance(ds, ClipDataset) and ds.defer_normalize and out["clips"].dtype == torch.uint8:
+        if (
+            isinstance(ds, ClipDataset)
+            and ds.defer_normalize
+            and not ds.batch_normalized
+            and out["clips"].dtype == torch.uint8
+        ):
             assert ds.normalize is not None
             b, t = out["clips"].shape[:2]
             clips = ds.normalize.apply(out["clips"].flatten(0, 1))[0]
@@ -571,10 +624,35 @@ class ClipDataLoader(ReIDDataLoader):
         return out
 
 
-def _clip_loader_kwargs(num_workers: int, seed: int) -> dict[str, Any]:
+def _clip_dataset_and_collate(
+    records: Sequence[TrackletRecord],
+    transform: Transform,
+    defer_normalize: bool,
+    **kw: Any,
+) -> tuple[ClipDataset, Any]:
+    """The dataset ships uint8 clips whenever the pipeline ends in ``Normalize`` (+
+    ``RandomErasing``); the collate then normalises in the worker, or, with
+    ``defer_normalize``, ``ClipDataLoader.prepare`` does it on the device."""
+    try:
+        split_deferred(transform)
+        splittable = True
+    except ValueError:
+        splittable = False
+    if defer_normalize and not splittable:
+        split_deferred(transform)  # raises the explanatory error
+    dataset = ClipDataset(records, transform, defer_normalize=splittable, **kw)
+    if not splittable:
+        return dataset, collate_clips
+    if defer_normalize:
+        return dataset, ClipCollate(None, None)
+    dataset.batch_normalized = True
+    return dataset, ClipCollate(dataset.normalize, dataset.erasing)
+
+
+def _clip_loader_kwargs(num_workers: int, seed: int, collate: Any) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "num_workers": num_workers,
-        "collate_fn": collate_clips,
+        "collate_fn": collate,
         "pin_memory": torch.cuda.is_available(),
         "worker_init_fn": worker_init_fn,
         "generator": torch.Generator().manual_seed(seed),
@@ -633,23 +711,23 @@ def build_clip_train_loader(
         )
     else:
         raise ValueError(f"data.sampler: expected 'pk' or 'random', got {data.sampler!r}")
-    dataset = ClipDataset(
+    dataset, collate = _clip_dataset_and_collate(
         records,
         transform if transform is not None else build_train_transforms(data),
+        defer_normalize,
         seq_len=clip.seq_len,
-        sampling=clip.sampling,  # type: ignore[arg-type]
+        sampling=clip.sampling,
         stride=clip.stride,
-        short=clip.short,  # type: ignore[arg-type]
+        short=clip.short,
         skip_corrupt=data.skip_corrupt,
         base_seed=seed,
-        defer_normalize=defer_normalize,
     )
     return ClipDataLoader(
         dataset,
         batch_size=data.batch_size // world_size,
         sampler=SeededSampler(base, seed),
         drop_last=True,
-        **_clip_loader_kwargs(data.num_workers, seed),
+        **_clip_loader_kwargs(data.num_workers, seed, collate),
     )
 
 
@@ -676,22 +754,22 @@ def build_clip_test_loader(
         transform = build_test_transforms(data)
     chunked = clip.test_sampling == "chunks"
     t = clip.chunk_len if chunked else (clip.test_seq_len or clip.seq_len)
-    dataset = ClipDataset(
+    dataset, collate = _clip_dataset_and_collate(
         records,
         transform,
+        defer_normalize,
         seq_len=clip.test_seq_len or clip.seq_len,
-        sampling="evenly" if chunked else clip.test_sampling,  # type: ignore[arg-type]
+        sampling="evenly" if chunked else clip.test_sampling,
         stride=clip.stride,
-        short=clip.short,  # type: ignore[arg-type]
+        short=clip.short,
         chunk_len=clip.chunk_len if chunked else None,
         skip_corrupt=data.skip_corrupt,
         base_seed=seed,
-        defer_normalize=defer_normalize,
     )
     return ClipDataLoader(
         dataset,
         batch_size=max(1, data.test_batch_size // t),
         sampler=SequentialSampler(dataset),
         drop_last=False,
-        **_clip_loader_kwargs(data.num_workers, seed),
+        **_clip_loader_kwargs(data.num_workers, seed, collate),
     )
