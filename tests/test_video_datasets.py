@@ -420,3 +420,28 @@ def test_tracklet_record_select_and_frame() -> None:
     assert s.extras["note"] == "kept" and len(s) == 2
     img = r.frame(1)
     assert img.path == "b" and img.pid == 3 and len(img.extras["keypoints"]) == 17
+
+
+def test_datasets_cli_prints_the_tracklet_table(tmp_path: Path, capsys) -> None:
+    from reidkit.cli import main
+
+    write_prid(tmp_path)
+    assert (
+        main(
+            [
+                "datasets",
+                "stats",
+                "--name",
+                "prid2011",
+                "--root",
+                str(tmp_path),
+                "--option",
+                "split=1",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "# tracklets" in out and "split 1 of 10" in out
+    assert main(["datasets", "list"]) == 0
+    assert "mars" in capsys.readouterr().out
