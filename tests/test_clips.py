@@ -372,3 +372,19 @@ def test_batch_normalisation_in_collate_equals_per_clip_float_items(tracklets) -
     assert batch["clips"].dtype == torch.float32
     assert torch.allclose(batch["clips"], expected, atol=1e-6)
     assert [it["index"] for it in items] == batch["index"].tolist()
+
+
+def test_frames_of_different_sizes_are_resized_first(tmp_path: Path) -> None:
+    """DukeMTMC-VideoReID boxes change size inside a tracklet: every frame is resized to
+    the model size before stacking (the pipeline must start with Resize)."""
+    paths = []
+    for t, (h, w) in enumerate([(36, 18), (50, 22), (36, 18)]):
+        p = tmp_path / f"f{t}.png"
+        Image.fromarray(np.full((h, w, 3), 40 * (t + 1), np.uint8)).save(p)
+        paths.append(str(p))
+    rec = TrackletRecord(tuple(paths), 0, 0)
+    item = ClipDataset([rec], Compose([Resize((H, W)), ToTensor()]), sampling="all")[0]
+    assert item["clip"].shape == (3, 3, H, W)
+    assert torch.allclose(item["clip"][:, 0, 5, 5], torch.tensor([40.0, 80.0, 120.0]) / 255)
+    with pytest.raises(ValueError, match="differ in size.*must start with Resize"):
+        ClipDataset([rec], Compose([ToTensor()]), sampling="all")[0]

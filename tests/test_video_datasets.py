@@ -445,3 +445,10 @@ def test_datasets_cli_prints_the_tracklet_table(tmp_path: Path, capsys) -> None:
     assert "# tracklets" in out and "split 1 of 10" in out
     assert main(["datasets", "list"]) == 0
     assert "mars" in capsys.readouterr().out
+
+
+def test_image_registry_points_to_the_video_parsers(tmp_path: Path) -> None:
+    from reidkit.data.datasets import build_dataset
+
+    with pytest.raises(DatasetError, match="video .*dataset.*build_video_dataset"):
+        build_dataset("mars", tmp_path)

@@ -395,7 +395,7 @@ class ClipDataset(Dataset):
                 )
                 arrays[f] = None
                 continue
-            arrays[f] = np.asarray(im)
+            arrays[f] = np.asarray(im)  # read-only view of a fresh copy; np.stack copies it
             im.close()
         good = [a for a in arrays.values() if a is not None]
         if not good:
@@ -413,7 +413,7 @@ class ClipDataset(Dataset):
             for f, a in arrays.items():
                 if a is not None and a.shape[:2] != size:
                     arrays[f] = (
-                        resize.apply(torch.from_numpy(a).permute(2, 0, 1))[0]
+                        resize.apply(torch.from_numpy(a.copy()).permute(2, 0, 1))[0]
                         .permute(1, 2, 0)
                         .numpy()
                     )
