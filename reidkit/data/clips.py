@@ -316,8 +316,11 @@ class ClipDataset(Dataset):
         seq_len, sampling, stride, short: see :func:`sample_clip`.
         chunk_len: cut tracklets into chunks instead (test time; ``sampling`` ignored).
         skip_corrupt, base_seed: as :class:`~reidkit.data.loader.ImageDataset`.
-        defer_normalize: ship ``uint8`` clips and an ``erase_box`` (4,); the loader's
-            ``prepare`` normalises and erases on the device (see ``build_clip_*_loader``).
+        defer_normalize: items carry ``uint8`` clips and an ``erase_box`` (4,) instead;
+            normalisation and erasing then run on the whole batch, in the worker
+            (:class:`ClipCollate`, what ``build_clip_*_loader`` do by default) or on the
+            device (``ClipDataLoader.prepare`` of a loader built with
+            ``defer_normalize=True``).
     """
 
     def __init__(
