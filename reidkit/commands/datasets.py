@@ -2,6 +2,7 @@
 
 reidkit datasets stats -c configs/market.yaml [data.root=/data]
 reidkit datasets stats --name market1501 --root /data [--verify] [--option key=value]
+reidkit datasets stats --name mars --root /data            (video datasets: tracklet table)
 reidkit datasets list
 """
 
@@ -27,6 +28,12 @@ def _parse_options(items: list[str]) -> dict:
 
 def _stats(args: argparse.Namespace) -> int:
     from reidkit.data.datasets import build_dataset, dataset_from_config, format_stats
+    from reidkit.data.datasets.video import (
+        build_video_dataset,
+        format_video_stats,
+        is_video_dataset,
+        video_dataset_from_config,
+    )
 
     extra = _parse_options(args.option)
     if args.verify:
@@ -41,14 +48,18 @@ def _stats(args: argparse.Namespace) -> int:
             from reidkit.config import load_config
 
             cfg = load_config(args.config, args.overrides)
-            ds = dataset_from_config(cfg.data, **extra)
+            if is_video_dataset(cfg.data.dataset):
+                ds = video_dataset_from_config(cfg.data, **extra)
+            else:
+                ds = dataset_from_config(cfg.data, **extra)
         else:
             if not args.name:
                 raise ValueError("give -c CONFIG, or --name NAME (with --root ROOT)")
             if args.overrides:
                 raise ValueError(f"key=value overrides {args.overrides} need -c CONFIG")
-            ds = build_dataset(args.name, args.root or "data", **extra)
-    print(format_stats(ds))
+            build = build_video_dataset if is_video_dataset(args.name) else build_dataset
+            ds = build(args.name, args.root or "data", **extra)
+    print(format_video_stats(ds) if hasattr(ds, "skipped_tracklets") else format_stats(ds))
     for w in caught:
         print(f"  warning: {w.message}")
     return 0
@@ -56,10 +67,14 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from reidkit.data.datasets import available_datasets
+    from reidkit.data.datasets.video import available_video_datasets
 
     for name, options in available_datasets().items():
         opts = ", ".join(options) if options else "-"
-        print(f"{name:12s} options: {opts}")
+        print(f"{name:14s} options: {opts}")
+    for name, options in available_video_datasets().items():
+        opts = ", ".join(options) if options else "-"
+        print(f"{name:14s} options: {opts}  (video: tracklets)")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Data layer: records, dataset parsers, transforms, samplers and loaders.
+"""Data layer: records, dataset parsers, transforms, samplers, loaders and video clips.
 
 Public names are imported lazily (``from reidkit.data import PKSampler`` loads only
 ``reidkit.data.samplers``), so importing :mod:`reidkit.data` stays cheap and free of cycles.
@@ -13,6 +13,8 @@ _EXPORTS: dict[str, str] = {
     # records
     "ImageRecord": "records",
     "ReIDDataset": "records",
+    "TrackletRecord": "records",
+    "VideoReIDDataset": "records",
     # transforms
     "Compose": "transforms",
     "Transform": "transforms",
@@ -36,6 +38,16 @@ _EXPORTS: dict[str, str] = {
     "collate_reid": "loader",
     "build_train_loader": "loader",
     "build_test_loader": "loader",
+    # clips (video)
+    "ClipDataset": "clips",
+    "ClipDataLoader": "clips",
+    "ClipOptions": "clips",
+    "ClipTransform": "clips",
+    "sample_clip": "clips",
+    "chunk_clip": "clips",
+    "collate_clips": "clips",
+    "build_clip_train_loader": "clips",
+    "build_clip_test_loader": "clips",
 }
 
 __all__ = sorted(_EXPORTS)

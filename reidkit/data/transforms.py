@@ -320,7 +320,8 @@ class ColorJitter(Transform):
     Each factor is uniform in ``[max(0, 1 - s), 1 + s]``; the three adjustments are applied
     in a random order; output is float in ``[0, 1]`` with shape ``(3, H, W)``. Brightness
     scales, contrast blends with the mean grey level, saturation blends with the grey image
-    (ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B``).
+    (ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B``). A ``(T, 3, H, W)`` clip gets the same
+    factors and order for every frame (contrast uses each frame's own mean grey level).
     """
 
     def __init__(
@@ -341,7 +342,10 @@ class ColorJitter(Transform):
 
     @staticmethod
     def _gray(x: Tensor) -> Tensor:
-        return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
+        """Luma ``(..., 1, H, W)`` of ``(..., 3, H, W)``."""
+        return (
+            0.299 * x[..., 0, :, :] + 0.587 * x[..., 1, :, :] + 0.114 * x[..., 2, :, :]
+        ).unsqueeze(-3)
 
     def apply(self, img, keypoints=None, generator=None):
         strengths = (self.brightness, self.contrast, self.saturation)
@@ -360,7 +364,8 @@ class ColorJitter(Transform):
             if k == 0:
                 x = x.mul_(factor)
             elif k == 1:
-                m = self._gray(x).mean()
+                g = self._gray(x)
+                m = g.mean() if x.dim() == 3 else g.mean(dim=(-3, -2, -1), keepdim=True)
                 x = x.mul_(factor).add_((1.0 - factor) * m)
             else:
                 grey = self._gray(x)  # before x is scaled in place

@@ -101,6 +101,14 @@ def _resolve(name: str) -> tuple[str, Loader]:
     if key not in _REGISTRY:
         import difflib
 
+        from reidkit.data.datasets.video import is_video_dataset
+
+        if is_video_dataset(key):
+            raise DatasetError(
+                f"{name!r} is a video (tracklet) dataset: read it with "
+                "reidkit.data.datasets.video.build_video_dataset (docs/video.md)"
+            )
+
         close = difflib.get_close_matches(key, [*_REGISTRY, *_ALIASES], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise DatasetError(
