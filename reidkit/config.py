@@ -71,6 +71,16 @@ class DataConfig(_Section):
     num_workers: int = Field(2, ge=0)
     skip_corrupt: bool = False  # count and skip unreadable images instead of failing
     keypoints: str | None = None  # COCO-17 keypoint file for every split (docs/keypoints.md)
+    # video (tracklet) datasets: clips of seq_len frames (docs/video.md)
+    seq_len: int = Field(4, ge=1)  # frames per training clip T
+    clip_sampling: Literal["evenly", "random", "all", "tkp"] = "tkp"  # training frame choice
+    clip_stride: int = Field(8, ge=1)  # frame step of the tkp random temporal crop
+    clip_short: Literal["pad", "repeat"] = "pad"  # tracklets shorter than seq_len
+    test_clip_sampling: Literal["chunks", "evenly", "random", "all", "tkp"] = "chunks"
+    test_chunk_len: int = Field(32, ge=1)  # frames per test chunk (features are averaged)
+    test_seq_len: int | None = Field(None, ge=1)  # clip length of non-chunked test sampling
+    video_split: int = Field(0, ge=0)  # split of the 10-split datasets (iLIDS-VID, PRID2011)
+    min_seq_len: int = Field(1, ge=1)  # drop tracklets shorter than this
 
 
 # -------------------------------------------------------------------------- model

@@ -291,10 +291,14 @@ def test_short_clips_pad_and_all_mode_collation(tracklets) -> None:
             batch["clips"][b, n - 1 : n].expand(max(lengths) - n + 1, -1, -1, -1),
         )
         assert len(batch["paths"][b]) == n
-    # keypoints only when every clip has them
+    # keypoints: every clip has them or none; a mixed batch is an error naming the tracklet
+    from reidkit.data.loader import CollateError
+
     bare = TrackletRecord(tracklets[0].paths, tracklets[0].pid, tracklets[0].camid)
     mixed = ClipDataset([tracklets[1], bare], Compose([Resize((H, W)), Normalize()]), 4)
-    assert "keypoints" not in collate_clips([mixed[0], mixed[1]])
+    assert "keypoints" not in collate_clips([mixed[1], mixed[1]])
+    with pytest.raises(CollateError, match="tracklet 1"):
+        collate_clips([mixed[0], mixed[1]])
     assert collate_clips([None])["clips"].shape[0] == 0
 
 

@@ -518,9 +518,12 @@ def collate_clips(
     """Batch clip items (``None`` items, i.e. clips without a readable frame, are dropped).
 
     Clips of different lengths are padded to the longest (last real frame repeated,
-    ``clip_mask`` False, ``frames`` -1, keypoints zero). ``keypoints`` is included only when
-    every item has it.
+    ``clip_mask`` False, ``frames`` -1, keypoints zero). An optional key (``keypoints``) is
+    never dropped silently: every item has it, or none (else ``CollateError`` names the
+    first tracklet without it).
     """
+    from reidkit.data.loader import CollateError
+
     kept = [it for it in items if it is not None]
     if not kept:
         return {
@@ -548,9 +551,17 @@ def collate_clips(
         "index": torch.tensor([it["index"] for it in kept], dtype=torch.long),
         "paths": [it["paths"] for it in kept],
     }
-    if all("keypoints" in it for it in kept):
+    have_kp = [("keypoints" in it) for it in kept]
+    if all(have_kp):
         kp = _padded(kept, "keypoints", length)
         batch["keypoints"] = kp.masked_fill(~mask[:, :, None, None], 0.0)
+    elif any(have_kp):
+        lacking = kept[have_kp.index(False)]
+        raise CollateError(
+            f"batch items disagree on 'keypoints': tracklet {lacking.get('index')} "
+            f"({(lacking.get('paths') or ['?'])[0]}) has none while others have them; every "
+            "tracklet of a dataset must have keypoints or none"
+        )
     if all("chunk" in it for it in kept):
         batch["chunk"] = torch.tensor([it["chunk"] for it in kept], dtype=torch.long)
     if all("erase_box" in it for it in kept):
