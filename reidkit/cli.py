@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -25,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that wait for work sleep instead of spinning: on a shared or busy CPU a
+    # spinning team of 2 threads was measured 5x slower per training step than 1 thread
+    # (docs/evaluation.md); sleeping costs little when the machine is idle. Must be set
+    # before torch is imported; an explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
