@@ -168,3 +168,5 @@ def test_demo_on_tiny_preset(tmp_path, capsys):
     assert (tmp_path / "data" / "synth-tiny" / "meta.json").is_file()
     assert "run folder:" in out and "mAP" in out
     assert (tmp_path / "demo" / "metrics.json").is_file()
+    report = tmp_path / "demo" / "report" / "report.html"
+    assert f"ranking report: {report.resolve()}" in out and report.stat().st_size > 10_000
