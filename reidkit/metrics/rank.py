@@ -474,8 +474,13 @@ class RankAccumulator:
         self._seen = 0
 
     @bounded_threads
-    def update(self, dist: torch.Tensor, q_pids: Any, q_camids: Any = None) -> None:
-        """Add a ``(n, G)`` block of distance rows for ``n`` queries."""
+    def update(self, dist: np.ndarray | torch.Tensor, q_pids: Any, q_camids: Any = None) -> None:
+        """Add a ``(n, G)`` block of distance rows for ``n`` queries (numpy or torch).
+
+        A block that fails validation (shape, labels, NaN / inf) leaves the accumulator
+        as it was.
+        """
+        dist = as_tensor(dist, "dist")
         if dist.ndim != 2 or dist.shape[1] != self.gp.shape[0]:
             raise ValueError(
                 f"distance block must have shape (n, {self.gp.shape[0]}), got {tuple(dist.shape)}"

@@ -1,0 +1,107 @@
+"""The thread limit of library entry points: affinity, OMP_NUM_THREADS, cgroup quota, --threads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import reidkit.threads as threads
+from reidkit.cli import main
+from reidkit.metrics import evaluate_rank, iter_re_ranking_features
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    threads.set_threads(None)
+    torch.set_num_threads(before)
+
+
+def test_limit_follows_env_then_cores(monkeypatch):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 3)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.thread_limit() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.thread_limit() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "garbage")
+    assert threads.thread_limit() == 3
+    assert threads.set_threads(5) == 5  # an explicit choice wins, even above the cores
+    assert torch.get_num_threads() == 5
+    assert threads.set_threads(None) == 3
+    with pytest.raises(ValueError, match="positive"):
+        threads.set_threads(0)
+
+
+def test_cgroup_quota(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert threads._cgroup_cpus(tmp_path) == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert threads._cgroup_cpus(tmp_path) is None
+    assert threads._cgroup_cpus(tmp_path / "missing") is None
+    assert 1 <= threads.usable_cores() <= (os.cpu_count() or 1)
+
+
+def test_entry_points_lower_torch_threads_and_restore(monkeypatch):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 1)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    seen = []
+    real = torch.Tensor.contiguous
+
+    def spy(self, *a, **kw):
+        seen.append(torch.get_num_threads())
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", spy)
+    d = np.random.default_rng(0).random((4, 10))
+    evaluate_rank(d, [1, 2, 1, 2], [1, 2] * 5)
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2  # restored afterwards
+    # generators: limited while computing, restored while the caller holds a block
+    blocks = iter_re_ranking_features(torch.randn(5, 4), torch.randn(30, 4), k1=4, k2=2)
+    for _ in blocks:
+        assert torch.get_num_threads() == 2
+    # never raised: a lower setting stays
+    torch.set_num_threads(1)
+    with threads.limited_threads() as n:
+        assert n == 1 and torch.get_num_threads() == 1
+
+
+def test_affinity_is_followed_in_a_fresh_process():
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux CPU affinity and two usable cores")
+    cpu = min(os.sched_getaffinity(0))
+    code = (
+        "import os, torch; os.sched_setaffinity(0, {%d}); torch.set_num_threads(2)\n"
+        "import reidkit.threads as t\n"
+        "with t.limited_threads() as n: print(t.usable_cores(), n)\n" % cpu
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.split() == ["1", "1"]
+
+
+def test_cli_threads_option(capsys):
+    assert main(["--threads", "1", "datasets", "list"]) == 0
+    assert torch.get_num_threads() == 1 and threads.thread_limit() == 1
+    with pytest.raises(SystemExit):
+        main(["--threads", "0", "datasets", "list"])
+    assert "--threads N" in _help(capsys)
+
+
+def _help(capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    return capsys.readouterr().out
