@@ -13,6 +13,12 @@ query expansion) run with at most :func:`thread_limit` threads:
 
 The limit only lowers torch's thread count for the duration of a call (and restores it);
 it never raises it: ``torch.set_num_threads(1)`` stays 1.
+
+Where the work splits into independent pieces (ranking evaluation, re-ranking's row
+blocks), :func:`parallel_map` runs the pieces on that many Python threads with torch
+single-threaded inside each, instead of parallelising every small operation: with another
+process on one of the cores, OpenMP's per-operation fork-join makes every operation wait
+for the thread that lost its core, while here that thread just takes fewer pieces.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import functools
 import inspect
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,9 +41,12 @@ __all__ = [
     "set_threads",
     "limited_threads",
     "bounded_threads",
+    "parallel_map",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+R = TypeVar("R")
 
 _requested: int | None = None
 
@@ -139,3 +149,27 @@ def bounded_threads(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def parallel_map(
+    fn: Callable[[T], R], items: Iterable[T], device: torch.device | str = "cpu"
+) -> list[R]:
+    """``[fn(x) for x in items]`` on ``torch.get_num_threads()`` Python threads, each
+    running torch single-threaded; results in order, the first exception re-raised.
+
+    For independent, cache-sized pieces of work on the CPU. Unlike torch's own per-op
+    threads, the threads never wait for each other: when another process takes a core,
+    the thread on it does fewer pieces instead of holding up every operation. Runs
+    serially on other devices or with one thread.
+    """
+    items = list(items)
+    workers = min(torch.get_num_threads(), len(items))
+    if workers <= 1 or torch.device(device).type != "cpu":
+        return [fn(x) for x in items]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="reidkit") as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(previous)

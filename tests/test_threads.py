@@ -81,9 +81,9 @@ def test_affinity_is_followed_in_a_fresh_process():
         pytest.skip("needs Linux CPU affinity and two usable cores")
     cpu = min(os.sched_getaffinity(0))
     code = (
-        "import os, torch; os.sched_setaffinity(0, {%d}); torch.set_num_threads(2)\n"
+        f"import os, torch; os.sched_setaffinity(0, {{{cpu}}}); torch.set_num_threads(2)\n"
         "import reidkit.threads as t\n"
-        "with t.limited_threads() as n: print(t.usable_cores(), n)\n" % cpu
+        "with t.limited_threads() as n: print(t.usable_cores(), n)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env["PYTHONPATH"] = str(REPO)
@@ -105,3 +105,39 @@ def _help(capsys) -> str:
     with pytest.raises(SystemExit):
         main(["--help"])
     return capsys.readouterr().out
+
+
+def test_parallel_pieces_give_the_serial_results(monkeypatch):
+    from bench_reference import ref
+
+    from reidkit.metrics import re_ranking
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    rng = np.random.default_rng(4)
+    d = rng.random((40, 300))
+    qp, gp = rng.integers(0, 5, 40), rng.integers(0, 5, 300)
+    qc, gc = rng.integers(0, 2, 40), rng.integers(0, 2, 300)
+    torch.set_num_threads(2)
+    r = evaluate_rank(d, qp, gp, qc, gc, chunk_size=3)  # 14 pieces on 2 threads
+    expected = ref.naive_eval(d, qp, gp, qc, gc)
+    np.testing.assert_allclose(r.all_AP, expected[3], atol=1e-12)
+    x = torch.randn(60, 8, generator=torch.Generator().manual_seed(0))
+    dist = torch.cdist(x, x)
+    qg, qq, gg = dist[:15, 15:], dist[:15, :15], dist[15:, 15:]
+    monkeypatch.setattr("reidkit.metrics.rerank._BLOCK_ELEMENTS", 200)  # many blocks
+    par = re_ranking(qg, qq, gg, k1=6, k2=3)
+    torch.set_num_threads(1)
+    assert torch.equal(par, re_ranking(qg, qq, gg, k1=6, k2=3))
+    # parallel_map: order kept, first error raised, torch threads restored
+    torch.set_num_threads(2)
+    assert threads.parallel_map(lambda v: v * v, range(7)) == [v * v for v in range(7)]
+
+    def boom(v):
+        if v in (3, 5):
+            raise ValueError(f"bad {v}")
+        return v
+
+    with pytest.raises(ValueError, match="bad 3"):
+        threads.parallel_map(boom, range(7))
+    assert torch.get_num_threads() == 2

@@ -42,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..threads import bounded_threads
+from ..threads import bounded_threads, parallel_map
 from .distance import GalleryDistance, Metric, as_tensor
 
 __all__ = [
@@ -60,7 +60,7 @@ AP_MODES = ("standard", "trapezoid")
 _CHUNK_ELEMENTS = 1 << 22
 # Elements evaluated at once: cache-sized on CPU (every pass stays in L2/L3), large on
 # GPUs (fewer launches).
-_PIECE_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 24}
+_PIECE_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
 # Most buckets per row (see _match_ranks); keeps row * bucket keys exact in float32.
 _BUCKETS = 2048
 # Above this (sampled) fraction of items that can precede a match, bucket every item
@@ -473,13 +473,16 @@ class RankAccumulator:
         self._parts: list[dict[str, torch.Tensor]] = []
         self._seen = 0
 
-    @bounded_threads
     def update(self, dist: np.ndarray | torch.Tensor, q_pids: Any, q_camids: Any = None) -> None:
         """Add a ``(n, G)`` block of distance rows for ``n`` queries (numpy or torch).
 
         A block that fails validation (shape, labels, NaN / inf) leaves the accumulator
         as it was.
         """
+        self._update(dist, q_pids, q_camids, None)
+
+    @bounded_threads
+    def _update(self, dist: Any, q_pids: Any, q_camids: Any, piece_rows: int | None) -> None:
         dist = as_tensor(dist, "dist")
         if dist.ndim != 2 or dist.shape[1] != self.gp.shape[0]:
             raise ValueError(
@@ -492,23 +495,24 @@ class RankAccumulator:
         if (q_camids is None) != (self.gc is None):
             _check_camids(q_camids, self.gc)
         qc = None if q_camids is None else _labels(q_camids, "q_camids", dist.shape[0], self.device)
-        step = _piece_rows(dist.shape[1], self.device)
-        parts = []  # kept only when the whole block is valid
-        for s in range(0, dist.shape[0], step):  # cache-sized pieces
+        step = piece_rows or _piece_rows(dist.shape[1], self.device)
+
+        def piece_stats(s: int) -> dict[str, torch.Tensor]:
             piece = slice(s, s + step)
             _check_finite(dist[piece], self._seen + s)  # also brings the piece into cache
-            parts.append(
-                _chunk_stats(
-                    dist[piece],
-                    qp[piece],
-                    self.gp,
-                    None if qc is None else qc[piece],
-                    self.gc,
-                    self.g_ignore,
-                    self._gallery,
-                    self.ap_mode,
-                )
+            return _chunk_stats(
+                dist[piece],
+                qp[piece],
+                self.gp,
+                None if qc is None else qc[piece],
+                self.gc,
+                self.g_ignore,
+                self._gallery,
+                self.ap_mode,
             )
+
+        # cache-sized pieces, one per thread at a time; kept only when all are valid
+        parts = parallel_map(piece_stats, range(0, dist.shape[0], step), dist.device)
         self._parts.extend(parts)
         self._seen += dist.shape[0]
 
@@ -620,9 +624,7 @@ def evaluate_rank(
     dev = dist.device
     qp, gp, qc, gc = _query_gallery_labels(q_pids, g_pids, q_camids, g_camids, nq, ng, dev)
     acc = RankAccumulator(gp, gc, max_rank, ap_mode, ignore_gallery_pids, dev)
-    step = _chunk_rows(ng, chunk_size)
-    for s in range(0, nq, step):
-        acc.update(dist[s : s + step], qp[s : s + step], None if qc is None else qc[s : s + step])
+    acc._update(dist, qp, qc, None if chunk_size is None else _chunk_rows(ng, chunk_size))
     return acc.result()
 
 

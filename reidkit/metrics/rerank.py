@@ -37,7 +37,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ..threads import bounded_threads
+from ..threads import bounded_threads, parallel_map
 from .distance import GalleryDistance, Metric, as_tensor, l2_normalize
 
 __all__ = [
@@ -48,7 +48,7 @@ __all__ = [
     "stable_topk_smallest",
 ]
 
-_PAIR_BUDGET = 1 << 23  # pairs processed at once in the sparse steps
+_PAIR_BUDGET = 1 << 20  # pairs processed at once in the sparse steps
 _BITMAP_MAX = 1 << 28  # largest (Q+G)^2 for a membership bitmap (256 MB)
 _BLOCK_ELEMENTS = 1 << 20  # rows of the (Q+G)^2 matrix handled at once (4 MB float32)
 _TILE = 128  # side of the tiles of transposed copies
@@ -225,47 +225,57 @@ def _budget_edges(cum: torch.Tensor, budget: int) -> list[int]:
     return sorted({0, m, *cuts})
 
 
-def _jaccard_blocks(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    vals: torch.Tensor,
-    num_query: int,
-    n: int,
-    query_chunk: int,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(start, jaccard)`` blocks of the ``(Q, G)`` Jaccard distance.
+class _Jaccard:
+    """The ``(Q, G)`` Jaccard distance of the sparse ``V``, block by block of queries.
 
-    ``s[i, j] = sum_k min(V[i, k], V[j, k])`` over the sparse ``V`` (rows sorted by
-    (row, col)); only pairs sharing a column are visited.
+    ``s[i, j] = sum_k min(V[i, k], V[j, k])`` over ``V`` given as ``(rows, cols, vals)``
+    sorted by (row, col); only pairs sharing a column are visited. Blocks are independent
+    (:meth:`block` may run on several threads at once).
     """
-    num_gallery = n - num_query
-    dev = vals.device
-    g = rows >= num_query
-    gr, gcol, gv = rows[g], cols[g], vals[g]
-    o = torch.sort(gcol.int(), stable=True).indices
-    gr, gcol, gv = gr[o] - num_query, gcol[o], gv[o]
-    ccount = torch.bincount(gcol, minlength=n)
-    cstart = ccount.cumsum(0) - ccount
-    rcount = torch.bincount(rows, minlength=n)
-    rstart = rcount.cumsum(0) - rcount
-    for s in range(0, num_query, query_chunk):
-        e = min(s + query_chunk, num_query)
-        temp = torch.zeros((e - s) * num_gallery, dtype=vals.dtype, device=dev)
-        lo, hi = int(rstart[s]), int(rstart[e - 1] + rcount[e - 1])
-        qr, qc, qv = rows[lo:hi], cols[lo:hi], vals[lo:hi]
+
+    def __init__(
+        self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, num_query: int, n: int
+    ) -> None:
+        self.num_query, self.num_gallery = num_query, n - num_query
+        g = rows >= num_query
+        gr, gcol, gv = rows[g], cols[g], vals[g]
+        o = torch.sort(gcol.int(), stable=True).indices
+        # gallery entries grouped by column: rows (int32: cheaper to gather) and values
+        self.gr, self.gv = (gr[o] - num_query).int(), gv[o]
+        self.ccount = torch.bincount(gcol, minlength=n)
+        self.cstart = self.ccount.cumsum(0) - self.ccount
+        rcount = torch.bincount(rows, minlength=n)
+        self.rend = rcount.cumsum(0)
+        self.rows, self.cols, self.vals = rows, cols, vals
+
+    def block(self, s: int, e: int) -> torch.Tensor:
+        """``(e - s, G)`` float32 Jaccard distances of queries ``s:e``."""
+        ng = self.num_gallery
+        temp = torch.zeros((e - s) * ng, dtype=self.vals.dtype, device=self.vals.device)
+        lo = int(self.rend[s - 1]) if s > 0 else 0
+        hi = int(self.rend[e - 1])
+        qr, qc, qv = self.rows[lo:hi], self.cols[lo:hi], self.vals[lo:hi]
+        small = (e - s) * ng < 2**31  # int32 target positions
         # split the query entries so each piece visits about _PAIR_BUDGET pairs
-        edges = _budget_edges(ccount[qc].cumsum(0), _PAIR_BUDGET)
+        edges = _budget_edges(self.ccount[qc].cumsum(0), _PAIR_BUDGET)
         for a, b in zip(edges[:-1], edges[1:]):
             cols_ab = qc[a:b]
             seg, pos = _segment_expand(
-                ccount.index_select(0, cols_ab), cstart.index_select(0, cols_ab)
+                self.ccount.index_select(0, cols_ab), self.cstart.index_select(0, cols_ab)
             )
-            mins = torch.minimum(qv[a:b].index_select(0, seg), gv.index_select(0, pos))
-            base = (qr[a:b] - s).mul_(num_gallery)
-            target = base.index_select(0, seg).add_(gr.index_select(0, pos))
+            mins = torch.minimum(qv[a:b].index_select(0, seg), self.gv.index_select(0, pos))
+            base = (qr[a:b] - s).mul_(ng)
+            if small:
+                base = base.int()
+            target = base.index_select(0, seg).add_(self.gr.index_select(0, pos))
             temp.index_add_(0, target, mins)
-        temp = temp.view(e - s, num_gallery)
-        yield s, temp.neg_().add_(2.0).reciprocal_().mul_(-2.0).add_(2.0)  # 1 - t/(2-t)
+        temp = temp.view(e - s, ng)
+        return temp.neg_().add_(2.0).reciprocal_().mul_(-2.0).add_(2.0)  # 1 - t/(2-t)
+
+    def blocks(self, query_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, block)`` for consecutive chunks of ``query_chunk`` queries."""
+        for s in range(0, self.num_query, query_chunk):
+            yield s, self.block(s, min(s + query_chunk, self.num_query))
 
 
 class _TransposedDistances:
@@ -383,24 +393,29 @@ def re_ranking(
     rank = torch.empty((n, kk), dtype=torch.long, device=dev)
     rowmax = torch.empty(n, dtype=torch.float32, device=dev)
     step = max(1, _BLOCK_ELEMENTS // n)
-    for s in range(0, n, step):
+
+    def neighbours(s: int) -> None:  # blocks are independent: one per thread at a time
         e = min(n, s + step)
         block = dt.rows(s, e).square_()
         rowmax[s:e] = block.amax(1)  # NaN and inf propagate here: a free finiteness check
         _check_rowmax(rowmax[s:e], "re_ranking: the distance matrices contain NaN or inf")
         rank[s:e] = stable_topk_smallest(block.div_(rowmax[s:e, None]), kk)
-        del block
+
+    parallel_map(neighbours, range(0, n, step), dev)
     rows, cols = _expansion_sets(rank, k1)
     vals = _row_normalised_weights(rows, dt.values(rows, cols).square_() / rowmax[rows], n)
     if k2 != 1:
         rows, cols, vals = _query_expand(rows, cols, vals, rank, k2, n)
-    del rank
     out = torch.empty((nq, ng), dtype=torch.float32, device=dev)
-    chunk = max(1, (1 << 22) // max(ng, 1))
-    for s, jac in _jaccard_blocks(rows, cols, vals, nq, n, chunk):
-        e = s + jac.shape[0]
+    chunk = max(1, _BLOCK_ELEMENTS // max(ng, 1))
+    jaccard = _Jaccard(rows, cols, vals, nq, n)
+
+    def final(s: int) -> None:
+        e = min(nq, s + chunk)
         base = qg[s:e].float().square().div_(rowmax[s:e, None])  # Dn[s:e, nq:]; input untouched
-        out[s:e] = jac.mul_(1 - lambda_value).add_(base, alpha=lambda_value)
+        out[s:e] = jaccard.block(s, e).mul_(1 - lambda_value).add_(base, alpha=lambda_value)
+
+    parallel_map(final, range(0, nq, chunk), dev)
     return out.cpu().numpy() if is_np else out
 
 
@@ -493,7 +508,7 @@ def iter_re_ranking_features(
     del rank
     qchunk = chunk_size or max(1, (1 << 22) // max(ng, 1))
     to_gallery = GalleryDistance(x[nq:], metric)
-    for s, jac in _jaccard_blocks(rows, cols, vals, nq, n, qchunk):
+    for s, jac in _Jaccard(rows, cols, vals, nq, n).blocks(qchunk):
         e = s + jac.shape[0]
         base = to_gallery(x[s:e]).float().square_().div_(rowmax[s:e, None])
         yield s, jac.mul_(1 - lambda_value).add_(base, alpha=lambda_value)
