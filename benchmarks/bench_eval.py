@@ -45,7 +45,7 @@ from _synthetic import (  # noqa: E402
 )
 
 from reidkit.metrics import compute_distance, evaluate_features, evaluate_rank  # noqa: E402
-from reidkit.threads import usable_cores  # noqa: E402
+from reidkit.threads import thread_limit, usable_cores  # noqa: E402
 
 CASES = {"clustered": 1.26, "realistic": 1.35, "hard": 1.6, "random": None}
 
@@ -94,6 +94,7 @@ def run_case(case: str, threads: int, naive_queries: int | None, memory: bool, l
     torch.set_num_threads(threads)
     dist, qp, qc, gp, gc = _market_problem(case)
     evaluate_rank(dist, qp, gp, qc, gc)  # warm-up
+    used = min(threads, thread_limit())  # the library's limit (other busy processes count)
     t_fast, c_fast, res = _timed(lambda: evaluate_rank(dist, qp, gp, qc, gc), 3)
     n = min(naive_queries or len(qp), len(qp))
     d_np = dist.numpy()
@@ -109,7 +110,7 @@ def run_case(case: str, threads: int, naive_queries: int | None, memory: bool, l
         _, mem_naive = isolated(_child_market, case, "naive", threads, n)
         mem = f" | peak RSS +{mem_fast:.0f} MB vs +{mem_naive:.0f} MB"
     print(
-        f"  {case + label:18s} mAP {res.mAP * 100:6.2f} mINP {res.mINP * 100:6.2f}"
+        f"  {case + label:18s} mAP {res.mAP * 100:6.2f} mINP {res.mINP * 100:6.2f} [{used} thr]"
         f" | evaluate_rank {t_fast:6.3f} s (CPU {c_fast:6.3f})"
         f" | naive loop {t_naive:6.2f} s (CPU {c_naive:6.2f}){extra}"
         f" | speed-up {t_naive / t_fast:5.1f}x (CPU {c_naive / c_fast:5.1f}x)"

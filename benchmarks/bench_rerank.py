@@ -50,7 +50,7 @@ from reidkit.metrics import (  # noqa: E402
     re_ranking,
     re_ranking_features,
 )
-from reidkit.threads import usable_cores  # noqa: E402
+from reidkit.threads import thread_limit, usable_cores  # noqa: E402
 
 
 def _problem(nq: int, ng: int, dim: int = 256):
@@ -93,7 +93,10 @@ def dense_sizes(
     sizes: list[tuple[int, int]], threads: int, skip_naive: bool, label: str = ""
 ) -> None:
     for nq, ng in sizes:
-        print(f"{nq} x {ng} (k1=20, k2=6, lambda=0.3), torch threads {threads}{label}")
+        print(
+            f"{nq} x {ng} (k1=20, k2=6, lambda=0.3), torch threads {threads}{label}; "
+            f"library limit now {thread_limit()}"
+        )
         t_fast, c_fast, m_fast, out = isolated(_child, nq, ng, "fast", threads, 3)
         t_feat, c_feat, m_feat, out_feat = isolated(_child, nq, ng, "features", threads, 2)
         print(

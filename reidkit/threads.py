@@ -9,7 +9,10 @@ query expansion) run with at most :func:`thread_limit` threads:
 1. the value given to :func:`set_threads` (the CLI's ``reidkit --threads N``), if any;
 2. else ``OMP_NUM_THREADS``, if set (the usual way to size a job's threads);
 3. else the cores the process may use: ``os.sched_getaffinity`` and, on Linux, the cgroup
-   CPU quota (``cpu.max``), whichever is smaller.
+   CPU quota (``cpu.max``), whichever is smaller, less the cores other processes keep
+   busy at that moment (the running-task count of ``/proc/loadavg``), at least one. On a
+   shared machine this is what avoids oversubscription: two OpenMP threads on two cores
+   of which another job holds one run several times slower than one thread.
 
 The limit only lowers torch's thread count for the duration of a call (and restores it);
 it never raises it: ``torch.set_num_threads(1)`` stays 1.
@@ -84,12 +87,27 @@ def _env_threads() -> int | None:
     return n if n >= 1 else None
 
 
+def _busy_elsewhere(path: Path = Path("/proc/loadavg")) -> int | None:
+    """Tasks running right now besides the caller (Linux ``/proc/loadavg``), or None."""
+    try:
+        running = int(path.read_text().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, running - 1)
+
+
 def thread_limit() -> int:
     """The most intra-op threads library calls use (see the module docstring)."""
     if _requested is not None:
         return _requested
     env = _env_threads()
-    return env if env is not None else usable_cores()
+    if env is not None:
+        return env
+    cores = usable_cores()
+    busy = _busy_elsewhere()
+    if busy is None:
+        return cores
+    return max(1, min(cores, (os.cpu_count() or cores) - busy))
 
 
 def set_threads(num_threads: int | None) -> int:

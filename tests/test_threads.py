@@ -26,8 +26,15 @@ def _restore_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _idle_machine(monkeypatch):
+    """The tests decide how busy the machine looks (the real one is shared)."""
+    monkeypatch.setattr(threads, "_busy_elsewhere", lambda: 0)
+
+
 def test_limit_follows_env_then_cores(monkeypatch):
     monkeypatch.setattr(threads, "usable_cores", lambda: 3)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 3)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert threads.thread_limit() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
@@ -39,6 +46,21 @@ def test_limit_follows_env_then_cores(monkeypatch):
     assert threads.set_threads(None) == 3
     with pytest.raises(ValueError, match="positive"):
         threads.set_threads(0)
+
+
+def test_cores_busy_with_other_processes_are_left_alone(monkeypatch, tmp_path):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
+    for busy, expected in ((0, 4), (1, 3), (3, 1), (12, 1)):
+        monkeypatch.setattr(threads, "_busy_elsewhere", lambda b=busy: b)
+        assert threads.thread_limit() == expected
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # an explicit size is followed
+    assert threads.thread_limit() == 4
+    (tmp_path / "loadavg").write_text("7.95 7.81 6.74 9/523 12345\n")
+    monkeypatch.undo()
+    assert threads._busy_elsewhere(tmp_path / "loadavg") == 8
+    assert threads._busy_elsewhere(tmp_path / "missing") is None
 
 
 def test_cgroup_quota(tmp_path):

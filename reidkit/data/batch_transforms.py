@@ -53,6 +53,7 @@ _FLIP, _CROP_I, _CROP_J = 0, 1, 2
 _FACTORS = slice(3, 6)  # brightness, contrast, saturation factors
 _ORDER = slice(6, 9)  # the op applied at step 0, 1, 2
 _BOX = slice(9, 13)  # erasing (top, left, eh, ew); eh = 0: not erased
+_CPU_CHUNK_PIXELS = 1 << 18  # output pixels per image group on the CPU (3 MB of float32)
 #: Length of the parameter vector :meth:`BatchTransform.sample` returns.
 NUM_PARAMS = 13
 
@@ -141,9 +142,7 @@ class BatchTransform:
             keypoints moved by the geometric transforms (a new tensor), and the flattened
             erasing noise for ``fill="random"`` (else None).
         """
-        p = torch.zeros(NUM_PARAMS, dtype=torch.float64)
-        p[_FACTORS] = 1.0
-        p[_ORDER] = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+        p = [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0]
         if keypoints is not None:
             keypoints = keypoints.to(torch.float32).clone()
         h, w = size
@@ -164,16 +163,16 @@ class BatchTransform:
             h, w = out_size
         if self.jitter is not None:
             factors, order = self.jitter.draw(generator)
-            p[_FACTORS] = torch.tensor(factors, dtype=torch.float64)
-            p[_ORDER] = torch.tensor(order, dtype=torch.float64)
+            p[_FACTORS] = factors
+            p[_ORDER] = [float(k) for k in order]
         noise = None
         if self.erasing is not None:
             box = self.erasing.sample_box(h, w, generator)
             if box is not None:
-                p[_BOX] = torch.tensor(box, dtype=torch.float64)
+                p[_BOX] = [float(v) for v in box]
                 if self.erasing.fill == "random":
                     noise = self.erasing.draw_noise(box, 3, generator).view(-1)
-        return p, keypoints, noise
+        return torch.tensor(p, dtype=torch.float64), keypoints, noise
 
     # ------------------------------------------------------------------- batched
     def __call__(
@@ -186,7 +185,7 @@ class BatchTransform:
 
         Args:
             images: ``(B, 3, h, w)`` uint8, or a list of ``(3, h_i, w_i)`` uint8 tensors
-                (mixed sizes: resized group by group).
+                (mixed sizes: resized group by group). Not modified.
             params: ``(B, NUM_PARAMS)`` rows of :meth:`sample`.
             noise: concatenated ``noise`` of the erased samples (``fill="random"``).
 
@@ -194,103 +193,116 @@ class BatchTransform:
             ``(B, 3, H, W)`` float32, normalised (and erased).
         """
         dev = params.device
-        x = self._resized(images, dev)  # (B, 3, H, W) float32 holding integers 0..255
-        b = x.shape[0]
-        if params.shape != (b, NUM_PARAMS):
+        count = images.shape[0] if isinstance(images, Tensor) else len(images)
+        if params.shape != (count, NUM_PARAMS):
             raise ValueError(
-                f"params must have shape ({b}, {NUM_PARAMS}) for {b} images, got "
+                f"params must have shape ({count}, {NUM_PARAMS}) for {count} images, got "
                 f"{tuple(params.shape)}"
             )
-        x = self._geometric(x, params)
-        if self.jitter is not None:
-            x = self._jitter(x.div_(255.0), params)
-            scale = self.normalize._scale_f.to(dev)
-        else:
-            scale = self.normalize._scale_u8.to(dev)
-        if x.shape[1] != len(self.normalize.mean):
-            raise ValueError(
-                f"Normalize: expected {len(self.normalize.mean)} channels, got shape "
-                f"{tuple(x.shape)}"
-            )
-        x = x.mul_(scale).add_(self.normalize._shift.to(dev))
-        if self.erasing is not None:
-            boxes = params[:, _BOX].long()
-            x = self.erasing.erase_batch(x, boxes, noise=noise)
-        return x
+        x, owned = self._resized(images, dev)  # (B, 3, H, W) uint8
+        out_h, out_w = self.output_size(tuple(x.shape[-2:]))
+        if len(self.normalize.mean) != 3:
+            raise ValueError(f"Normalize: expected 3 channels, got mean {self.normalize.mean}")
+        out = torch.empty((count, 3, out_h, out_w), dtype=torch.float32, device=dev)
+        # on the CPU, a few images at a time: every step then works in the cache
+        step = count if dev.type != "cpu" else max(1, _CPU_CHUNK_PIXELS // (out_h * out_w))
+        offsets = self._noise_offsets(params)
+        for s in range(0, count, step):
+            e = min(count, s + step)
+            chunk_noise = None
+            if noise is not None and offsets is not None:
+                chunk_noise = noise[int(offsets[s]) : int(offsets[e])]
+            self._apply(x[s:e], params[s:e], chunk_noise, out[s:e], owned)
+        return out
 
-    def _resized(self, images: Tensor | Sequence[Tensor], dev: torch.device) -> Tensor:
-        """Resize (if any) and convert to float32; groups of equal input size at once."""
+    def _noise_offsets(self, params: Tensor) -> Tensor | None:
+        """Start of each sample's noise in the concatenated ``noise`` (``(B + 1,)``)."""
+        if self.erasing is None or self.erasing.fill != "random":
+            return None
+        sizes = 3 * params[:, 11].long() * params[:, 12].long()  # 3 * eh * ew (0: not erased)
+        return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]).cpu()
+
+    def _apply(
+        self, x: Tensor, params: Tensor, noise: Tensor | None, out: Tensor, owned: bool
+    ) -> None:
+        y = self._geometric(x, params, owned)  # uint8
+        dev = out.device
+        # per channel (1, 3, 1, 1): a (3, 1, 1) operand takes a slow broadcast in 4-D
+        if self.jitter is not None:
+            z = self._jitter(y.float().div_(255.0), params)
+            torch.mul(z, self.normalize._scale_f.to(dev).view(1, 3, 1, 1), out=out)
+        else:  # float(x) * scale, as the per-sample Normalize computes from uint8
+            out.copy_(y).mul_(self.normalize._scale_u8.to(dev).view(1, 3, 1, 1))
+        out.add_(self.normalize._shift.to(dev).view(1, 3, 1, 1))
+        if self.erasing is not None:
+            self.erasing.erase_batch(out, params[:, _BOX].long(), noise=noise)
+
+    def _resized(self, images: Tensor | Sequence[Tensor], dev: torch.device) -> tuple[Tensor, bool]:
+        """``(uint8 (B, 3, H, W) on dev, whether it is a new tensor)``; groups of equal
+        input size are resized at once."""
         if isinstance(images, Tensor):
-            groups = [(images.to(dev, non_blocking=True), None)]
-            count = images.shape[0]
-        else:
-            count = len(images)
-            by_size: dict[tuple[int, ...], list[int]] = {}
-            for k, im in enumerate(images):
-                by_size.setdefault(tuple(im.shape), []).append(k)
-            groups = [
-                (
-                    torch.stack([images[k] for k in idx]).to(dev, non_blocking=True),
-                    torch.tensor(idx, device=dev),
-                )
-                for idx in by_size.values()
-            ]
-        out = None
-        for x, idx in groups:
-            if x.dim() != 4 or x.shape[1] != 3 or x.dtype != torch.uint8:
-                raise ValueError(
-                    f"images must be (B, 3, h, w) uint8 (decoded RGB), got {tuple(x.shape)} "
-                    f"{x.dtype}"
-                )
+            x = images.to(dev, non_blocking=True)
+            self._check_uint8(x)
             y = self._resize(x)
-            if idx is None:
-                return y
+            return y, y is not images
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for k, im in enumerate(images):
+            by_size.setdefault(tuple(im.shape), []).append(k)
+        out = None
+        for idx in by_size.values():
+            x = torch.stack([images[k] for k in idx]).to(dev, non_blocking=True)
+            self._check_uint8(x)
+            y = self._resize(x)
             if out is None:
-                out = y.new_empty((count, *y.shape[1:]))
+                out = y.new_empty((len(images), *y.shape[1:]))
             elif y.shape[1:] != out.shape[1:]:
                 raise ValueError(
                     "images of different sizes need a Resize first in the pipeline, got "
                     f"{tuple(out.shape[2:])} and {tuple(y.shape[2:])}"
                 )
-            out[idx] = y
+            out[torch.tensor(idx, device=dev)] = y
         assert out is not None
-        return out
+        return out, True
+
+    @staticmethod
+    def _check_uint8(x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != 3 or x.dtype != torch.uint8:
+            raise ValueError(
+                f"images must be (B, 3, h, w) uint8 (decoded RGB), got {tuple(x.shape)} {x.dtype}"
+            )
 
     def _resize(self, x: Tensor) -> Tensor:
         if self.resize is None or tuple(x.shape[-2:]) == self.resize.size:
-            return x.float()
+            return x
         if x.device.type == "cpu":  # the per-sample path's uint8 kernel: identical pixels
-            y = F.interpolate(
+            return F.interpolate(
                 x, size=self.resize.size, mode="bilinear", align_corners=False, antialias=True
             )
-            return y.float()
         y = F.interpolate(
             x.float(), size=self.resize.size, mode="bilinear", align_corners=False, antialias=True
         )
-        return y.round_().clamp_(0.0, 255.0)  # what a uint8 image would hold
+        return y.round_().clamp_(0.0, 255.0).to(torch.uint8)  # what a uint8 image holds
 
-    def _geometric(self, x: Tensor, params: Tensor) -> Tensor:
-        """Flip then pad-and-crop, as two gathers (rows, then columns) and the pad fill."""
-        flip = params[:, _FLIP] > 0
+    def _geometric(self, x: Tensor, params: Tensor, owned: bool) -> Tensor:
+        """Flip (the mirrored samples only), then pad and crop: the crop of each sample is
+        one window of the padded batch, picked by indexing a strided view of all windows."""
+        if self.flip is not None:
+            flipped = (params[:, _FLIP] > 0).nonzero().view(-1)
+            if flipped.numel():
+                if not owned:
+                    x = x.clone()  # never modify the caller's batch
+                x[flipped] = x[flipped].flip(-1)
         if self.crop is None:
-            if self.flip is None or not bool(flip.any()):
-                return x
-            return torch.where(flip[:, None, None, None], x.flip(-1), x)
-        b, c, h, w = x.shape
+            return x
+        b, _, h, w = x.shape
         out_h, out_w = self.crop.size or (h, w)
-        dev = x.device
         pad = self.crop.pad
-        # output pixel (y, x) comes from (y + i - pad, x + j - pad) of the flipped image
-        rows = torch.arange(out_h, device=dev) + (params[:, _CROP_I].long() - pad)[:, None]
-        cols = torch.arange(out_w, device=dev) + (params[:, _CROP_J].long() - pad)[:, None]
-        ok_r = (rows >= 0) & (rows < h)
-        ok_c = (cols >= 0) & (cols < w)
-        cols = torch.where(flip[:, None], w - 1 - cols, cols)
-        rows = rows.clamp(0, h - 1)[:, None, :, None].expand(b, c, out_h, w)
-        cols = cols.clamp(0, w - 1)[:, None, None, :].expand(b, c, out_h, out_w)
-        y = x.gather(2, rows).gather(3, cols)
-        inside = ok_r[:, None, :, None] & ok_c[:, None, None, :]
-        return torch.where(inside, y, torch.tensor(float(self.crop.fill), device=dev))
+        if pad == 0 and (out_h, out_w) == (h, w):
+            return x
+        padded = F.pad(x, (pad, pad, pad, pad), value=float(self.crop.fill))
+        windows = padded.unfold(2, out_h, 1).unfold(3, out_w, 1)  # (B, C, i, j, out_h, out_w)
+        i, j = params[:, _CROP_I].long(), params[:, _CROP_J].long()
+        return windows[torch.arange(b, device=x.device), :, i, j]
 
     @staticmethod
     def _gray(x: Tensor) -> Tensor:

@@ -574,18 +574,16 @@ class RandomErasing(Transform):
         """
         if boxes.numel() == 0 or not bool((boxes[:, 2] > 0).any()):
             return images
-        _, c, h, w = images.shape
-        boxes = boxes.to(images.device)
-        top, left, bh, bw = (boxes[:, k].view(-1, 1, 1) for k in range(4))
-        rows = torch.arange(h, device=images.device).view(1, h, 1)
-        cols = torch.arange(w, device=images.device).view(1, 1, w)
-        mask = ((rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)).unsqueeze(
-            1
-        )
+        c = images.shape[1]
+        mask = self._box_mask(boxes.to(images.device), images.shape[2], images.shape[3])
         if self.fill == "mean":
+            if c != len(self.mean):
+                raise ValueError(
+                    f"RandomErasing: mean has {len(self.mean)} values for {c} channels"
+                )
             fill = self._mean_t.to(images).view(1, c, 1, 1)
         elif self.fill == "zero":
-            fill = images.new_zeros(())
+            return images.masked_fill_(mask, 0.0)
         elif noise is not None:  # boxes are filled in (image, channel, row, col) order
             return images.masked_scatter_(mask.expand_as(images), noise.to(images))
         else:
@@ -593,6 +591,15 @@ class RandomErasing(Transform):
                 images.shape, generator=generator, device=images.device, dtype=images.dtype
             )
         return torch.where(mask, fill, images, out=images)
+
+    @staticmethod
+    def _box_mask(boxes: Tensor, h: int, w: int) -> Tensor:
+        """``(B, 1, H, W)`` bool mask of per-image boxes ``(top, left, eh, ew)``."""
+        top, left, bh, bw = (boxes[:, k].view(-1, 1, 1) for k in range(4))
+        rows = torch.arange(h, device=boxes.device).view(1, h, 1)
+        cols = torch.arange(w, device=boxes.device).view(1, 1, w)
+        inside = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
+        return inside.unsqueeze(1)
 
 
 # ----------------------------------------------------------------------------- builders
