@@ -29,7 +29,8 @@ step "python environment"
 if ! .venv/bin/python -c "import torch, reidkit, pytest, hypothesis; assert torch.cuda.is_available()" 2>/dev/null; then
   [ -x .venv/bin/python ] || "$PY" -m venv .venv || { echo "cannot create .venv"; exit 2; }
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q "$TORCH_SPEC" || { echo "cannot install $TORCH_SPEC"; exit 2; }
+  .venv/bin/python -m pip install -q "$TORCH_SPEC" || .venv/bin/python -m pip install -q torch \
+    || { echo "cannot install torch from PyPI"; exit 2; }
   .venv/bin/python -m pip install -q -e . pytest hypothesis simplejpeg || { echo "cannot install reidkit"; exit 2; }
 fi
 .venv/bin/python - <<'PYEOF' > "$WORK/env.json"

@@ -280,3 +280,18 @@ def test_device_transforms_reject_other_pipelines(records):
         ImageDataset(
             records, Compose([Resize((H, W)), RandomHorizontalFlip()]), device_transforms=True
         )
+
+
+def test_device_transforms_batch_of_skipped_images(records, tmp_path):
+    from reidkit.data.loader import collate_device_batch
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    loader = build_test_loader(
+        make_cfg(skip_corrupt=True), [ImageRecord(str(bad), 0, 0, {})], device_transforms=True
+    )
+    with pytest.warns(RuntimeWarning, match="broken.jpg"):
+        batch = next(iter(loader))
+    out = loader.prepare(batch, "cpu")
+    assert out["images"].shape == (0, 3, H, W) and out["pids"].numel() == 0
+    assert collate_device_batch([None])["aug"].shape[0] == 0

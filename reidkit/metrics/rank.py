@@ -23,13 +23,14 @@ Differences from the usual evaluators (bugs they have, not protocol changes): an
 gallery (the CMC of a valid query is 1 from its first hit onwards, so the curve is
 extended with its final value instead of crashing on ragged rows); inputs are validated.
 
-Speed: nothing is fully sorted. Per chunk of queries, the only gallery entries that can
-rank before a true match are those at most as far as the query's farthest true match.
-Each of them is binned by the number of the query's (few, sorted) true matches that
-precede it, with a binary search; a cumulative count of the bins gives the rank of every
-true match. When most of a chunk is such a candidate (features that rank true matches
-badly, e.g. random ones) the binning runs densely per row instead of on a compacted
-list. The same code runs on CPU and CUDA.
+Speed: nothing is sorted but each query's few true matches. The rank of a true match is
+the number of kept gallery items closer than it (ties by index). Per cache-sized piece of
+rows, each row's range from its nearest to its farthest match is split into equal
+buckets: items in buckets without a match are only counted, the few sharing a bucket with
+matches are compared with them exactly, and a cumulative count gives every match's rank
+(O(G) per query for any distance distribution, O(piece) extra memory). When few items
+can precede a row's farthest match, those candidates are gathered first. Pieces run on a
+thread pool (:func:`reidkit.threads.parallel_map`); the same code runs on CPU and CUDA.
 """
 
 from __future__ import annotations
