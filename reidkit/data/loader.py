@@ -278,6 +278,8 @@ def collate_reid(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     }
     if all("keypoints" in it for it in kept):
         batch["keypoints"] = torch.stack([it["keypoints"] for it in kept])
+    if all("erase_box" in it for it in kept):
+        batch["erase_boxes"] = torch.stack([it["erase_box"] for it in kept])
     return batch
 
 
