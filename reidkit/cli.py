@@ -9,13 +9,26 @@ import os
 import pkgutil
 import sys
 
+import torch
+
 import reidkit.commands as commands
+from reidkit.threads import set_threads, thread_limit
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reidkit", description="Person re-identification toolkit")
     parser.add_argument(
         "--version", action="version", version=f"reidkit {__import__('reidkit').__version__}"
+    )
+    parser.add_argument(
+        "--threads",
+        dest="global_threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch compute (before COMMAND, e.g. 'reidkit --threads 2 eval "
+        "...'). Default: OMP_NUM_THREADS if set, else the cores this process may use "
+        "(CPU affinity / cgroup quota), never more",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
@@ -45,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.global_threads is not None:
+        if args.global_threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.global_threads}")
+        set_threads(args.global_threads)
+    else:
+        limit = thread_limit()
+        if torch.get_num_threads() > limit:  # e.g. a container given fewer cores than the host
+            torch.set_num_threads(limit)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
