@@ -70,6 +70,9 @@ class DataConfig(_Section):
     test_batch_size: int = Field(128, gt=0)
     num_workers: int = Field(2, ge=0)
     skip_corrupt: bool = False  # count and skip unreadable images instead of failing
+    # augmentation of whole batches on the training device (workers only decode): "auto" =
+    # on CUDA, where per-sample CPU transforms cannot keep up; same results for a seed
+    device_transforms: Literal["auto", "on", "off"] = "auto"
     keypoints: str | None = None  # COCO-17 keypoint file for every split (docs/keypoints.md)
     # video (tracklet) datasets: clips of seq_len frames (docs/video.md)
     seq_len: int = Field(4, ge=1)  # frames per training clip T

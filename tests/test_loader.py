@@ -267,7 +267,9 @@ def test_device_transforms_test_loader_and_mixed_sizes(records, tmp_path):
     # images of different sizes travel as a list and are resized group by group
     odd = tmp_path / "odd.png"
     Image.fromarray(np.zeros((30, 12, 3), np.uint8)).save(odd)
-    recs = [*records[:3], ImageRecord(str(odd), 0, 0, {})]
+    # (the odd image carries keypoints too: a batch has them for every item or none)
+    kp = [[1.0, 1.0, 2.0]] * 17
+    recs = [*records[:3], ImageRecord(str(odd), 0, 0, {"keypoints": kp})]
     mixed = build_test_loader(cfg, recs, device_transforms=True)
     batch = next(iter(mixed))
     assert isinstance(batch["images"], list) and batch["images"][3].shape == (3, 30, 12)

@@ -11,8 +11,9 @@ Measured on a 2-core CPU (see the README): the run itself takes a few minutes; w
 any ``key=value`` override of the config applies.
 
 Threads: the loader runs in the main process (``data.num_workers=0``: on 2 cores a loader
-worker only competes with the compute threads) and torch uses every core this process
-may run on; ``OMP_NUM_THREADS`` or ``--threads`` override that.
+worker only competes with the compute threads) and torch uses the cores this process may
+run on that other processes leave free (``reidkit.threads.thread_limit``);
+``OMP_NUM_THREADS`` or ``--threads`` override that.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from reidkit.commands import _common
 
-__all__ = ["add_parser", "run", "find_config", "available_cores"]
+__all__ = ["add_parser", "run", "find_config"]
 
 
 def find_config(relative: str) -> Path:
@@ -38,14 +39,6 @@ def find_config(relative: str) -> Path:
     raise FileNotFoundError(
         f"configs/{relative} not found next to the reidkit package or in {Path.cwd()}"
     )
-
-
-def available_cores() -> int:
-    """Cores this process may run on (CPU affinity, e.g. a container's CPU set)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,11 +63,15 @@ def run(args: argparse.Namespace) -> int:
         generate(
             data_dir, cfg.data.synth_preset, seed=0, overwrite=True, progress=not args.no_progress
         )
+    from reidkit.threads import set_threads, thread_limit
+
     threads = args.threads
     if threads is None and "OMP_NUM_THREADS" not in os.environ:
-        threads = max(1, available_cores() - cfg.data.num_workers)
+        # the cores this process may use that other processes leave free right now, less
+        # the loader workers (on a busy machine one thread beats two fighting for a core)
+        threads = max(1, thread_limit() - cfg.data.num_workers)
     if threads:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     print(
         f"training {config} -> {cfg.output_dir} ({torch.get_num_threads()} threads, "
         f"{cfg.data.num_workers} loader workers)",

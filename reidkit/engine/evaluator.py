@@ -157,7 +157,14 @@ def extract_records(
     if world > 1 and len(records) >= world:
         start, end = dist_utils.shard_bounds(len(records), rank, world)
         shard = records[start:end]
-    loader = build_test_loader(cfg, shard, occlusion_p=occlusion_p)
+    from reidkit.engine.trainer import use_device_transforms
+
+    loader = build_test_loader(
+        cfg,
+        shard,
+        occlusion_p=occlusion_p,
+        device_transforms=use_device_transforms(cfg, torch.device(device)),
+    )
     fs = extract_features(
         model,
         loader,

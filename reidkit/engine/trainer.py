@@ -62,6 +62,13 @@ def total_epochs(cfg: Config) -> int:
     return cfg.solver.classifier_warm_epochs + cfg.solver.max_epochs
 
 
+def use_device_transforms(cfg: Config, device: torch.device) -> bool:
+    """``data.device_transforms``: ``auto`` = batched augmentation on CUDA only (on a CPU
+    the per-sample path is faster: docs/speed.md)."""
+    mode = cfg.data.device_transforms
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
 def _set_sampler_epoch(loader: Any, epoch: int) -> None:
     for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
         if obj is not None and hasattr(obj, "set_epoch"):
@@ -213,7 +220,13 @@ class Trainer:
             compile=cfg.compile,
             channels_last=cfg.channels_last,
         )
-        self.train_loader = build_train_loader(cfg, self.dataset.train, info.rank, info.world_size)
+        self.train_loader = build_train_loader(
+            cfg,
+            self.dataset.train,
+            info.rank,
+            info.world_size,
+            device_transforms=use_device_transforms(cfg, self.device),
+        )
         n_iters = len(self.train_loader)
         if cfg.solver.iters_per_epoch is not None:
             n_iters = min(n_iters, cfg.solver.iters_per_epoch)
