@@ -1,0 +1,30 @@
+"""Few-shot accuracy statistics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["mean_confidence_interval"]
+
+
+def mean_confidence_interval(
+    accuracies: np.ndarray | list[float], z: float = 1.96, ddof: int = 0
+) -> tuple[float, float]:
+    """Mean of per-episode accuracies and the half-width of its 95 % confidence interval.
+
+    ``half = z * std(accuracies, ddof) / sqrt(n)`` with the normal quantile ``z = 1.96``.
+    ``ddof = 0`` (the population standard deviation, ``np.std``'s default) is what the CAN
+    code and most few-shot papers report; over 2,000 episodes ``ddof = 1`` differs by 0.03 %
+    of the half-width. A single episode has half-width 0.
+
+    Returns:
+        ``(mean, half_width)`` in the units of ``accuracies``.
+    """
+    acc = np.asarray(accuracies, dtype=np.float64).reshape(-1)
+    if acc.size == 0:
+        raise ValueError("mean_confidence_interval: no accuracies")
+    if acc.size <= ddof:
+        return float(acc.mean()), 0.0
+    return float(acc.mean()), float(z * acc.std(ddof=ddof) / math.sqrt(acc.size))
