@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from reidkit.config import ConfigError
 from reidkit.fewshot.config import FewShotSolverConfig, load_fewshot_config, lr_at_epoch
+from reidkit.fewshot.engine import load_fewshot_weights
 from reidkit.fewshot.episodes import EpisodeSampler
-from reidkit.fewshot.metrics import mean_confidence_interval
+from reidkit.fewshot.metrics import mean_confidence_interval, paired_difference
 from reidkit.fewshot.model import (
     FewShotNet,
     build_fewshot_model,
@@ -184,6 +185,11 @@ def test_confidence_interval_formula():
     _, half1 = mean_confidence_interval([0.5, 1.0, 0.75, 0.25], ddof=1)
     assert half1 == pytest.approx(1.96 * math.sqrt(0.078125 * 4 / 3) / 2)
     assert mean_confidence_interval([0.4]) == (0.4, 0.0)
+    d, half_d = paired_difference([0.5, 1.0, 0.75], [0.25, 1.0, 0.25])  # diffs .25, 0, .5
+    assert d == pytest.approx(0.25)
+    assert half_d == pytest.approx(1.96 * math.sqrt(0.125 / 3) / math.sqrt(3))
+    with pytest.raises(ValueError, match="different episode counts"):
+        paired_difference([1.0], [1.0, 0.0])
     with pytest.raises(ValueError):
         mean_confidence_interval([])
 
@@ -291,8 +297,11 @@ def test_config_errors_name_the_key_and_suggest():
     assert load_fewshot_config(None, ["output_dir=2024"]).output_dir == "2024"
 
 
-def test_authors_checkpoint_keys_convert():
-    model = _tiny_model(True)
+def test_authors_checkpoint_keys_convert_and_load(tmp_path):
+    cfg = load_fewshot_config(
+        None, ["model.width=4", "data.height=32", "data.width=16", "model.fusion_reduction=1"]
+    )
+    model = build_fewshot_model(cfg, 7)
     ours = model.state_dict()
     theirs = {}
     for k, v in ours.items():
@@ -306,3 +315,9 @@ def test_authors_checkpoint_keys_convert():
         theirs["module." + k2] = v
     converted = convert_can_state_dict(theirs)
     assert converted.keys() == ours.keys()
+    # a checkpoint file as the authors' train.py saves it loads (weights_only) into reidkit
+    torch.save({"state_dict": theirs, "acc": 0.61, "epoch": 3}, tmp_path / "ckpt.pth.tar")
+    loaded = load_fewshot_weights(cfg, tmp_path / "ckpt.pth.tar")
+    assert loaded.classifier.out_channels == 7 and not loaded.training
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, ours[k])

@@ -123,6 +123,7 @@ def test_train_resume_and_eval_end_to_end(data_root, tmp_path, capsys):
     assert kinds.count("train") == 6 and kinds.count("epoch") == 3 and "val" in kinds
     assert [r["lr"] for r in rows if r["type"] == "epoch"] == [0.05, 0.05, 0.005]
 
+    assert "per_episode" not in test and (full / "test_episodes.npz").is_file()
     out = capsys.readouterr().out
     assert "CAN+T" in out
     assert (
@@ -132,6 +133,15 @@ def test_train_resume_and_eval_end_to_end(data_root, tmp_path, capsys):
     evaluated = json.loads((full / "eval_test.json").read_text())
     assert evaluated["accuracy"] == test["accuracy"]  # same weights, same seeded episodes
     assert "CAN" in capsys.readouterr().out
+    # identical weights on identical episodes: a paired difference of exactly 0
+    assert main(["fewshot", "compare", str(full), str(part)]) == 0
+    out = capsys.readouterr().out
+    assert "A - B  +0.00 +- 0.00 (paired, 12 episodes)" in out and "transductive" in out
+    other = tmp_path / "other" / "e.json"
+    args = [*_overrides(data_root, full), "eval.seed=5", "--out", str(other), "--no-progress"]
+    assert main(["fewshot", "eval", "-c", str(CONFIG), *args]) == 0
+    assert main(["fewshot", "compare", str(full), str(other.with_name("e_episodes.npz"))]) == 1
+    assert "not the same episodes" in capsys.readouterr().err
 
 
 def test_cached_and_streamed_evaluation_agree(data_root, tmp_path):

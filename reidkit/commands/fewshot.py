@@ -2,12 +2,15 @@
 
     reidkit fewshot train -c configs/fewshot/mini_5w1s.yaml [key=value ...] [--resume]
     reidkit fewshot eval  -c configs/fewshot/mini_5w1s.yaml [--weights FILE] [key=value ...]
+    reidkit fewshot compare RUN_A RUN_B        # paired difference on the same episodes
 
 ``train`` writes a run folder (``output_dir``): ``config.yaml``, ``log.jsonl``,
 ``checkpoints/{last,best}.pt`` and, at the end, ``metrics.json`` with the test accuracy
 +- 95 % confidence interval of CAN and CAN+T. ``eval`` scores ``eval.episodes`` seeded
 episodes of ``eval.split`` with the run's ``checkpoints/last.pt`` (or ``--weights``, which
 also accepts a checkpoint of the authors' code) and writes ``eval_<split>.json`` next to it.
+Per-episode accuracies go to ``<split>_episodes.npz`` (train) / ``eval_<split>_episodes.npz``
+(eval); ``compare`` reads them and prints the paired difference of two runs +- 95 % CI.
 Set ``model.name=proto`` for the prototype baseline (same network, no cross attention).
 See docs/fewshot.md.
 """
@@ -52,7 +55,12 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from reidkit.engine.distributed import resolve_device
     from reidkit.fewshot.datasets import load_fewshot_dataset
-    from reidkit.fewshot.engine import evaluate_fewshot, format_result, load_fewshot_weights
+    from reidkit.fewshot.engine import (
+        evaluate_fewshot,
+        format_result,
+        load_fewshot_weights,
+        save_episode_accuracies,
+    )
 
     cfg = _load(args)
     run = Path(cfg.output_dir)
@@ -76,11 +84,55 @@ def _eval(args: argparse.Namespace) -> int:
     else:  # next to the run the weights belong to
         folder = weights.parent.parent if weights.parent.name == "checkpoints" else run
         out = folder / f"eval_{cfg.eval.split}.json"
+    episodes = save_episode_accuracies(result, out.with_name(out.stem + "_episodes.npz"))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out)
-    print(f"wrote {out}")
+    print(f"wrote {out} and {episodes}")
+    return 0
+
+
+def _episode_file(path: Path, split: str) -> Path:
+    if path.is_file():
+        return path
+    for name in (f"eval_{split}_episodes.npz", f"{split}_episodes.npz"):
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(
+        f"{path}: no per-episode accuracies (eval_{split}_episodes.npz or {split}_episodes.npz; "
+        "written by `reidkit fewshot train` and `reidkit fewshot eval`)"
+    )
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from reidkit.fewshot.metrics import mean_confidence_interval, paired_difference
+
+    files = [_episode_file(Path(p), args.split) for p in (args.a, args.b)]
+    data = [dict(np.load(f, allow_pickle=False)) for f in files]
+    settings = [(d["settings"].tolist(), int(d["seed"])) for d in data]
+    if settings[0] != settings[1]:
+        raise ValueError(
+            f"{files[0]} and {files[1]} are not the same episodes ((split, way, shot, queries), "
+            f"seed: {settings[0]} vs {settings[1]})"
+        )
+    split, way, shot, queries = settings[0][0]
+    print(f"{way}-way {shot}-shot, {queries} queries/class, {split} split, seed {settings[0][1]}")
+    print(f"  A = {files[0]}\n  B = {files[1]}")
+    for key in ("accuracy", "transductive"):
+        if key not in data[0] or key not in data[1]:
+            continue
+        label = "inductive" if key == "accuracy" else "transductive (+T)"
+        a, b = data[0][key], data[1][key]
+        ma, ca = mean_confidence_interval(a)
+        mb, cb = mean_confidence_interval(b)
+        d, cd = paired_difference(a, b)
+        print(
+            f"  {label:18s} A {ma:6.2f} +- {ca:.2f}   B {mb:6.2f} +- {cb:.2f}   "
+            f"A - B {d:+6.2f} +- {cd:.2f} (paired, {a.size} episodes)"
+        )
     return 0
 
 
@@ -119,4 +171,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     _common.add_debug_argument(e)
     e.set_defaults(func=_eval)
+
+    c = actions.add_parser(
+        "compare", help="paired accuracy difference of two runs on the same episodes"
+    )
+    c.add_argument("a", help="run folder or *_episodes.npz (A)")
+    c.add_argument("b", help="run folder or *_episodes.npz (B)")
+    c.add_argument("--split", default="test", help="split of the evaluations (default test)")
+    _common.add_debug_argument(c)
+    c.set_defaults(func=_compare)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -44,7 +44,7 @@ class FewShotDataConfig(_Section):
     format: Literal["auto", "csv", "folders", "pickle"] = "auto"
     # dataset=reid: the re-ID registry name and options (see reidkit.data.datasets)
     reid_name: str = "synth"
-    reid_options: dict[str, Any] = Field(default_factory=lambda: {"preset": "small"})
+    reid_options: dict[str, Any] = Field(default_factory=dict)  # e.g. {preset: small}
     # identities left out of the few-shot classes; None: the dataset's distractor label
     # (pid 0 for market1501 / dukemtmc-style / synth sets), none otherwise
     reid_exclude_pids: list[int] | None = None

@@ -65,6 +65,7 @@ __all__ = [
     "build_fewshot_transforms",
     "evaluate_fewshot",
     "load_fewshot_weights",
+    "save_episode_accuracies",
     "train_fewshot",
 ]
 
@@ -193,7 +194,9 @@ def evaluate_fewshot(
 
     Returns ``{"split", "episodes", "way", "shot", "queries", "model", "accuracy",
     "ci95", "std", "seconds", "feature_cache"}`` plus ``"transductive": {"accuracy",
-    "ci95", "std", "iterations", "counts"}`` when transductive inference is on.
+    "ci95", "std", "iterations", "counts"}`` when transductive inference is on, and
+    ``"per_episode": {"accuracy": (E,) array[, "transductive": (E,) array]}`` (percent;
+    :func:`save_episode_accuracies` moves them to an ``.npz`` file).
     """
     ev, ep = cfg.eval, cfg.episode
     n_episodes = int(episodes if episodes is not None else ev.episodes)
@@ -290,6 +293,7 @@ def evaluate_fewshot(
         "std": round(float(np.std(acc * 100)), 4),
         "seconds": round(time.time() - start, 2),
         "feature_cache": bool(cached),
+        "seed": ev.seed,
     }
     if use_t:
         from reidkit.fewshot.model import transductive_counts
@@ -304,7 +308,30 @@ def evaluate_fewshot(
                 way * queries, ev.transductive_iterations, ev.transductive_fraction
             ),
         }
+    out["per_episode"] = {"accuracy": acc * 100}
+    if use_t:
+        out["per_episode"]["transductive"] = acc_t * 100
     return out
+
+
+def save_episode_accuracies(result: dict[str, Any], path: str | Path) -> Path:
+    """Move ``result["per_episode"]`` into the ``.npz`` file ``path`` (atomically), with the
+    episode settings, so two runs can be compared episode by episode
+    (``reidkit fewshot compare``); ``result`` keeps only the summary."""
+    per = result.pop("per_episode")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    settings = [result["split"], result["way"], result["shot"], result["queries"]]
+    with open(tmp, "wb") as f:
+        np.savez(
+            f,
+            settings=np.array([str(x) for x in settings]),
+            seed=np.array(result.get("seed", -1)),
+            **per,
+        )
+    os.replace(tmp, path)
+    return path
 
 
 def format_result(result: dict[str, Any]) -> str:
@@ -534,6 +561,7 @@ def train_fewshot(
                 progress=progress,
                 device=device,
             )
+            val.pop("per_episode")
             logger.log("val", epoch=epoch + 1, **val)
             logger.print(f"  val ({val_name}): {val['accuracy']:.2f} +- {val['ci95']:.2f} %")
             if best is None or val["accuracy"] > best["accuracy"]:
@@ -562,6 +590,7 @@ def train_fewshot(
     test = evaluate_fewshot(
         model, dataset.split(cfg.eval.split), cfg, progress=progress, device=device
     )
+    save_episode_accuracies(test, out_dir / f"{cfg.eval.split}_episodes.npz")
     logger.log("test", **test)
     logger.print(format_result(test))
     summary = {
