@@ -191,7 +191,9 @@ def tiny_synth(tmp_path_factory) -> Path:
     from reidkit.data.synth import generate
 
     root = tmp_path_factory.mktemp("fsdata")
-    generate(root / "synth-tiny", preset="tiny", seed=0, workers=1, progress=False)
+    generate(
+        root / "synth-tiny", preset="tiny", seed=0, workers=1, progress=False, height=32, width=16
+    )
     return root
 
 
