@@ -1,0 +1,1 @@
+"""Backbone architectures, one per file (a registry is added by the backbone zoo)."""
