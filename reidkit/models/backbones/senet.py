@@ -102,6 +102,11 @@ class SEBottleneck(nn.Module):
     ) -> None:
         super().__init__()
         width = int(math.floor(planes * (base_width / 64.0)) * cardinality)
+        if width < 1:
+            raise ValueError(
+                f"SE bottleneck with {planes} planes and base width {base_width} has no "
+                "3x3 channels; use a larger width"
+            )
         out = planes * self.expansion
         self.conv1 = nn.Conv2d(inplanes, width, 1, stride=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
