@@ -711,3 +711,22 @@ def test_resnest_avd_placement_follows_the_published_code():
     assert m2.layer2[0].avd_layer.stride == 2
     # layer4's first block is "is_first": a stride-1 3x3 average pool with last_stride=1
     assert m1.layer4[0].avd_layer.stride == 1 and m2.layer4[0].avd_layer.stride == 2
+
+
+def test_files_without_bn_counters_load_without_warnings(tmp_path, caplog):
+    """Many published files predate BatchNorm's ``num_batches_tracked``: not a missing weight."""
+    table = osnet_table("osnet_x0_25")
+    state = random_state(table, torch.Generator().manual_seed(0))
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    with caplog.at_level(logging.INFO, logger="reidkit.models"):
+        report = load_pretrained(build_backbone("osnet_x0_25"), _save(tmp_path, state))
+    assert report.missing and all(k.endswith("num_batches_tracked") for k in report.missing)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "step counters" in caplog.text
+
+
+def test_vit_file_with_a_non_square_grid_is_a_clear_error(tmp_path):
+    state = random_state(vit_table(32, 4, grid=(14, 14)), torch.Generator().manual_seed(0))
+    state["pos_embed"] = state["pos_embed"][:, :-3]
+    with pytest.raises(PretrainedLoadError, match="not a square grid"):
+        load_pretrained(tiny_vit(), _save(tmp_path, state))

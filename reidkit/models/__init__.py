@@ -273,7 +273,10 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
     if adapt is not None:
         # the backbone renames/resizes the file's tensors into its own layout (e.g. the
         # pretrainedmodels SE-Net keys, a ViT pos_embed of another grid)
-        state = adapt(state)
+        try:
+            state = adapt(state)
+        except ValueError as exc:
+            raise PretrainedLoadError(f"{path}: {exc}") from exc
     mismatched = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
@@ -314,8 +317,14 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
     new_prefixes = ("nl_",) + tuple(getattr(model, "new_layer_prefixes", ()))
     new_layers = [k for k in report.missing if k.startswith(new_prefixes)]
     absent = [k for k in report.missing if not k.startswith(new_prefixes)]
+    # BN step counters (only used when momentum=None) are absent from many published files
+    # (saved before torch 0.4.1, or stripped); that loses no weights
+    counters = [k for k in absent if k.endswith("num_batches_tracked")]
+    absent = [k for k in absent if not k.endswith("num_batches_tracked")]
     if new_layers:
         logger.info("%d keys of new layers start from their init", len(new_layers))
+    if counters:
+        logger.info("%d BatchNorm step counters not in the file (start at 0)", len(counters))
     if absent:
         logger.warning(
             "%d model keys not in the file (kept at init), e.g. %s", len(absent), absent[:5]

@@ -348,6 +348,9 @@ class VisionTransformer(Backbone):
             if pe.shape[-1] != self.embed_dim:
                 return state  # wrong model: let the shape check report it
             state = dict(state)
+            if "dist_token" in state:
+                # distilled DeiT: CLS, distillation token, grid; the second token is unused
+                pe = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)
             state["pos_embed"] = resize_pos_embed(pe, self.grid, mode=self.pos_embed_interp)
             logger.info(
                 "pos_embed resized from %d to %d tokens (grid %dx%d, %s)",
