@@ -89,7 +89,9 @@ class DataConfig(_Section):
 # -------------------------------------------------------------------------- model
 class ModelConfig(_Section):
     name: str = "bot"  # method registry: `reidkit config --methods` lists them
-    backbone: str = "resnet50"
+    backbone: str = "resnet50"  # `reidkit.models.available_backbones()`, docs/backbones.md
+    # options of the backbone's factory, e.g. {stride: 12, img_size: [256, 128]} for a ViT
+    backbone_options: dict[str, Any] = Field(default_factory=dict)
     last_stride: int = Field(1, ge=1, le=2)
     pretrained: str | None = None  # local path to ImageNet weights (.pth or .safetensors)
     pooling: Literal["avg", "max", "gem"] = "avg"
