@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
+import warnings
 
 import reidkit.commands as commands
+from reidkit.errors import UserError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,14 +42,35 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    debug = getattr(args, "debug", False)
+    shown = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _show_warning
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        # User errors (bad config, missing files) are reported without a traceback.
-        if getattr(args, "debug", False):
+    except BrokenPipeError:  # output piped into e.g. `head`, which exited: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (UserError, ValueError, OSError) as exc:
+        # User errors (bad config, missing or unreadable files, a full disk, a missing
+        # optional package) are one line, without a traceback; --debug shows it.
+        if debug:
             raise
-        print(f"reidkit {args.command}: error: {exc}", file=sys.stderr)
+        print(f"reidkit {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"reidkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        warnings.showwarning = shown
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each (``reidkit: warning: ...``), without the source line."""
+    text = " ".join(str(message).split())
+    print(f"reidkit: warning: {text}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":

@@ -35,16 +35,18 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.failure_fraction <= 1.0:
         raise ValueError(f"--failure-fraction must be in [0, 1], got {args.failure_fraction}")
     cfg = _common.load_config_from_args(args)
-    weights = _common.resolve_weights_file(args.weights)
+    weights = _common.weights_from_args(args)
     device = resolve_device(args.device or cfg.device, 0)
-    dataset = dataset_from_config(cfg.data)
+    # the weights first: a wrong file is reported before the dataset is read
     model = load_model(cfg, weights, num_classes=args.num_classes, device=device)
+    dataset = dataset_from_config(cfg.data)
+    _common.note_skipped_images(dataset)
     result = evaluate_model(cfg, model, dataset, device, progress=not args.no_progress)
     q, g = result.query, result.gallery
     distmat = result_distances(cfg, model, result)
     for note in result.notes:
         print(note)
-    print(result.table(title=f"{dataset.name}"))
+    print(result.table())
 
     # single-process loading of the few images of each ranking row
     row_cfg = cfg.model_copy(deep=True)

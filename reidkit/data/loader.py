@@ -23,6 +23,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, get_worker_info
 
+from reidkit.errors import UserError
+
 from .records import ImageRecord
 from .samplers import PKSampler, ShuffleSampler
 from .transforms import (
@@ -54,7 +56,7 @@ __all__ = [
 _MASK64 = (1 << 64) - 1
 
 
-class CorruptImageError(RuntimeError):
+class CorruptImageError(UserError, RuntimeError):
     """An image file could not be read; the message names the file."""
 
 

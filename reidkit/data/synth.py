@@ -57,6 +57,7 @@ __all__ = [
     "COCO_KEYPOINT_NAMES",
     "SPLIT_FOLDERS",
     "generate",
+    "ensure_synth",
     "format_summary",
     "write_preview",
     "sample_identity",
@@ -1553,6 +1554,39 @@ def generate(
     if preview:
         write_preview(out)
     return summary
+
+
+def ensure_synth(
+    data_cfg: Any, progress: bool = True, regenerate_incomplete: bool = False
+) -> Path | None:
+    """Generate the synthetic set a config trains on, the first time it is needed.
+
+    For ``data.dataset == "synth"`` whose ``<data.root>/synth-<data.synth_preset>`` does not
+    exist (or is an empty folder), render it there with seed 0, saying so on stdout, and
+    return the folder; otherwise return ``None``. A folder that already holds images but no
+    ``meta.json`` (hand-made, or an interrupted generation) is left as it is, unless
+    ``regenerate_incomplete`` (``reidkit demo``), which replaces only what ``generate``
+    writes.
+    """
+    if str(getattr(data_cfg, "dataset", "")).lower() != "synth":
+        return None
+    preset = data_cfg.synth_preset
+    folder = Path(data_cfg.root).expanduser() / f"synth-{preset}"
+    if (folder / "meta.json").is_file():
+        return None
+    incomplete = folder.is_dir() and any(folder.iterdir())
+    if incomplete and not regenerate_incomplete:
+        return None
+    if preset not in PRESETS:
+        return None  # the dataset loader says which presets exist
+    n = PRESETS[preset].num_images
+    print(
+        f"{folder} not found: generating the '{preset}' synthetic set there ({n} images, "
+        "once; `reidkit synth --help` for options) ...",
+        flush=True,
+    )
+    generate(folder, preset, seed=0, overwrite=incomplete, progress=progress)
+    return folder
 
 
 def format_summary(summary: dict[str, Any]) -> str:
