@@ -12,9 +12,10 @@ Two levels of checking:
   the pixels), which also catches damage in the middle of a file.
 
 Both run over a thread pool: file reading and Pillow's decoder release the GIL, so tens of
-thousands of files are checked in seconds even on network file systems. Measured on 5,000
-128x64 JPEGs (8 KB, warm cache, 2 cores): stat only 0.05 s, the cheap check 0.09 s, full
-decoding 1.0 s (``benchmarks/bench_image_check.py``).
+thousands of files are checked in seconds even on network file systems. Measured with
+``benchmarks/bench_image_check.py`` on 5,000 128x64 JPEGs (8 KB, warm cache, 8 threads, a
+shared 2-core machine under load): ``stat`` only 0.30 s, the cheap check 0.52 s (1.8x),
+full decoding 4.8 s (16x); for Market-1501's 32,668 images that is 1.9 s, 3.4 s and 31 s.
 """
 
 from __future__ import annotations
