@@ -8,11 +8,19 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 
-import torch
+# OpenMP threads that wait for work sleep instead of spinning: on a busy 2-core CPU a
+# spinning team of 2 threads was measured 5x slower per training step than 1 thread,
+# a sleeping one as fast (docs/speed.md); sleeping costs little when the machine is idle.
+# Must be set before torch (and its OpenMP runtime) is loaded; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import reidkit.commands as commands
-from reidkit.threads import set_threads, thread_limit
+import torch  # noqa: E402
+
+import reidkit.commands as commands  # noqa: E402
+from reidkit.errors import UserError, one_line  # noqa: E402
+from reidkit.threads import set_threads, thread_limit  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,11 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that wait for work sleep instead of spinning: on a shared or busy CPU a
-    # spinning team of 2 threads was measured 5x slower per training step than 1 thread
-    # (docs/evaluation.md); sleeping costs little when the machine is idle. Must be set
-    # before torch is imported; an explicit setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -66,14 +69,35 @@ def main(argv: list[str] | None = None) -> int:
         limit = thread_limit()
         if torch.get_num_threads() > limit:  # e.g. a container given fewer cores than the host
             torch.set_num_threads(limit)
+    debug = getattr(args, "debug", False)
+    shown = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _show_warning
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        # User errors (bad config, missing files) are reported without a traceback.
-        if getattr(args, "debug", False):
+    except BrokenPipeError:  # output piped into e.g. `head`, which exited: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (UserError, ValueError, OSError) as exc:
+        # User errors (bad config, missing or unreadable files, a full disk, a missing
+        # optional package) are one line, without a traceback; --debug shows it.
+        if debug:
             raise
-        print(f"reidkit {args.command}: error: {exc}", file=sys.stderr)
+        print(f"reidkit {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"reidkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        warnings.showwarning = shown
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each (``reidkit: warning: ...``), without the source line."""
+    text = " ".join(str(message).split())
+    print(f"reidkit: warning: {text}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":

@@ -52,17 +52,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = _common.load_config_from_args(
         args, [f"data.root={args.data_root}", f"output_dir={args.output_dir}"], config=config
     )
-    data_dir = Path(cfg.data.root) / f"synth-{cfg.data.synth_preset}"
-    if cfg.data.dataset == "synth" and not (data_dir / "meta.json").is_file():
-        from reidkit.data.synth import generate
+    from reidkit.data.synth import ensure_synth
 
-        # meta.json is written last: without it the folder is missing or incomplete
-        print(
-            f"generating the '{cfg.data.synth_preset}' synthetic set in {data_dir} ...", flush=True
-        )
-        generate(
-            data_dir, cfg.data.synth_preset, seed=0, overwrite=True, progress=not args.no_progress
-        )
+    # meta.json is written last: without it the folder is missing or incomplete
+    ensure_synth(cfg.data, progress=not args.no_progress, regenerate_incomplete=True)
     from reidkit.threads import set_threads, thread_limit
 
     threads = args.threads

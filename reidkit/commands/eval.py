@@ -27,12 +27,17 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.occlude <= 1.0:
         raise ValueError(f"--occlude must be a probability in [0, 1], got {args.occlude}")
     cfg = _common.load_config_from_args(args)
-    weights = _common.resolve_weights_file(args.weights)
+    weights = _common.weights_from_args(args)
+    if args.json:
+        _common.check_output(args.json, "--json", weights, args.config)
     info, device = dist_utils.init_from_env(cfg.device)
     ok = False
     try:
-        dataset = dataset_from_config(cfg.data)
+        # the weights first: a wrong file is reported before the dataset is read
         model = load_model(cfg, weights, num_classes=args.num_classes, device=device)
+        dataset = dataset_from_config(cfg.data)
+        if info.is_main:
+            _common.note_skipped_images(dataset)
         if cfg.channels_last:
             model.to(memory_format=__import__("torch").channels_last)
         result = evaluate_model(
@@ -49,12 +54,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         for note in result.notes:
             print(note)
-        tags = [
-            "re-ranked" if result.rerank else "",
-            f"occluded p={args.occlude:g}" if args.occlude else "",
-        ]
-        title = " ".join([dataset.name, *[t for t in tags if t]])
-        print(result.table(title=title))
+        occluded = f" occluded p={args.occlude:g}" if args.occlude else ""
+        print(result.table(title=result.label() + occluded))
         if args.save_features:
             out = Path(args.save_features)
             q = result.query.save(out / "query")

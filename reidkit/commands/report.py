@@ -50,15 +50,17 @@ def write_report(
     if not 0.0 <= failure_fraction <= 1.0:
         raise ValueError(f"--failure-fraction must be in [0, 1], got {failure_fraction}")
     dev = resolve_device(device or cfg.device, 0)
-    dataset = dataset_from_config(cfg.data)
+    # the weights first: a wrong file is reported before the dataset is read
     model = load_model(cfg, weights, num_classes=num_classes, device=dev)
+    dataset = dataset_from_config(cfg.data)
+    _common.note_skipped_images(dataset)
     result = evaluate_model(cfg, model, dataset, dev, progress=progress)
     q, g = result.query, result.gallery
     distmat = result_distances(cfg, model, result)
     if print_table:
         for note in result.notes:
             print(note)
-        print(result.table(title=f"{dataset.name}"))
+        print(result.table())
 
     # single-process loading of the few images of each ranking row
     row_cfg = cfg.model_copy(deep=True)
@@ -104,7 +106,7 @@ def write_report(
 
 def run(args: argparse.Namespace) -> int:
     cfg = _common.load_config_from_args(args)
-    weights = _common.resolve_weights_file(args.weights)
+    weights = _common.weights_from_args(args)
     out = write_report(
         cfg,
         weights,

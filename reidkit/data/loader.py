@@ -33,6 +33,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, get_worker_info
 
+from reidkit.errors import UserError
+
 from .batch_transforms import BatchTransform
 from .decode import DecodeError, decode_image
 from .records import ImageRecord
@@ -69,7 +71,7 @@ __all__ = [
 _MASK64 = (1 << 64) - 1
 
 
-class CorruptImageError(RuntimeError):
+class CorruptImageError(UserError, RuntimeError):
     """An image file could not be read; the message names the file."""
 
 

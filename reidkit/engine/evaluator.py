@@ -40,12 +40,19 @@ class EvalResult:
     raw: Any = field(default=None, repr=False)
     rerank: bool = False
     notes: list[str] = field(default_factory=list)
+    dataset: str = ""  # name of the evaluated dataset (the table's row label)
+
+    def label(self) -> str:
+        """What was evaluated: the dataset name, plus ``re-ranked`` when it was."""
+        return (self.dataset or "result") + (" re-ranked" if self.rerank else "")
 
     def table(self, title: str = "") -> str:
-        """The metrics as a printable table (``reidkit.metrics.format_metrics_table``)."""
+        """The metrics as a printable table (``reidkit.metrics.format_metrics_table``)
+        with one row labelled ``title`` (default: :meth:`label`, the same for ``reidkit
+        train``, ``eval``, ``report`` and the Python API)."""
         from reidkit.metrics.table import format_metrics_table
 
-        return format_metrics_table({title or "result": self.raw})
+        return format_metrics_table({title or self.label(): self.raw}, name_header="dataset")
 
 
 def _to_tensor(x: Any) -> torch.Tensor:
@@ -262,6 +269,7 @@ def evaluate_model(
         if extras is not None:
             result.metrics.update(extras.metrics)
             result.notes.extend(extras.notes)
+    result.dataset = str(getattr(dataset, "name", "") or "")
     return result
 
 

@@ -229,7 +229,8 @@ class EvalHook(HookBase):
         for note in result.notes:
             t.logger.print(note)
         if not is_last:  # the final table is printed at the end
-            t.logger.print(result.table(title=f"epoch {t.epoch + 1}"))
+            t.logger.print(f"evaluation after epoch {t.epoch + 1}:")
+            t.logger.print(result.table())
         if self.best is None or summary["mAP"] > self.best["mAP"]:
             self.best = {"epoch": t.epoch + 1, **summary}
             t.save_model_checkpoint(t.ckpt_dir / "best.pt", metrics=summary)

@@ -614,6 +614,16 @@ def evaluate_rank(
         ValueError: on shape mismatches, non-finite distances, an empty query set, or when
             no query has a true match.
     """
+    for name, labels in zip(
+        ("q_pids", "g_pids", "q_camids", "g_camids"), (q_pids, g_pids, q_camids, g_camids)
+    ):
+        if labels is not None and not isinstance(labels, torch.Tensor):
+            if np.asarray(labels).dtype.kind in "USO":  # strings / objects: not label ids
+                raise ValueError(
+                    f"{name}: labels must be integers, got {np.asarray(labels).dtype} values "
+                    f"(e.g. {np.asarray(labels).flat[0]!r}); map them to ints first, e.g. "
+                    "{p: i for i, p in enumerate(sorted(set(pids)))}"
+                )
     dist = as_tensor(distmat, "distmat")
     if dist.ndim != 2:
         raise ValueError(f"distmat: expected a 2-D (Q, G) matrix, got shape {tuple(dist.shape)}")

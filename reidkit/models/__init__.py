@@ -11,7 +11,6 @@ never unpickles code).
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from reidkit.errors import UserError, describe_load_error, one_line
 from reidkit.models import backbones as zoo
 from reidkit.models.backbone import Backbone, BackboneTail, split_backbone
 from reidkit.models.heads import BNNeck
@@ -39,6 +39,7 @@ __all__ = [
     "LoadReport",
     "NonLocalBlock",
     "PretrainedLoadError",
+    "missing_pretrained_message",
     "ResNet",
     "available_backbones",
     "backbone_from_config",
@@ -66,8 +67,9 @@ _BACKBONES: dict[str, tuple[int, bool]] = {
 _IGNORED_PREFIXES = ("fc.",)
 
 
-class PretrainedLoadError(RuntimeError):
-    """A weights file is missing, unreadable, unsafe or does not fit the model."""
+class PretrainedLoadError(UserError, RuntimeError):
+    """A weights file is missing, unreadable, unsafe or does not fit the model (one line
+    naming the file and what to do)."""
 
 
 @dataclass
@@ -213,10 +215,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise PretrainedLoadError(
-            f"pretrained weights not found: {path} (model.pretrained must be a local file; "
-            "reidkit never downloads weights)"
-        )
+        raise PretrainedLoadError(missing_pretrained_message(path))
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         try:
@@ -226,19 +225,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = load_file(str(path), device="cpu")
         except Exception as exc:
-            raise PretrainedLoadError(f"{path}: not a valid safetensors file: {exc}") from exc
+            raise PretrainedLoadError(
+                f"{path}: not a valid .safetensors file (corrupt or truncated?): {one_line(exc)}"
+            ) from exc
     elif suffix in (".pth", ".pt", ".bin", ".ckpt", ".tar"):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
+        except Exception as exc:  # a refused pickle, or a corrupt / truncated file
             raise PretrainedLoadError(
-                f"{path}: refused to load: the file contains Python objects other than "
-                f"tensors, which torch.load(weights_only=True) will not unpickle ({exc}). "
-                "Re-save it as a plain state dict or convert it to .safetensors."
-            ) from exc
-        except Exception as exc:
-            raise PretrainedLoadError(
-                f"{path}: not a readable PyTorch weights file: {exc}"
+                f"{path}: refused by torch.load(weights_only=True): {describe_load_error(exc)}"
             ) from exc
         state = _unwrap(obj, path)
     else:
@@ -287,17 +282,19 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
         if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
     if mismatched:
-        shown = "\n  ".join(mismatched[:10])
-        more = f"\n  ... and {len(mismatched) - 10} more" if len(mismatched) > 10 else ""
+        shown = "; ".join(mismatched[:3])
+        more = f"; and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""
         raise PretrainedLoadError(
-            f"{path}: {len(mismatched)} tensor(s) have the wrong shape for this model "
-            f"(is it the right architecture / depth?):\n  {shown}{more}"
+            f"{path}: {len(mismatched)} tensor(s) have the wrong shape for this model, so the "
+            f"file is for another architecture or depth ({shown}{more}); use ImageNet weights "
+            "of the configured model.backbone"
         )
     to_load = {k: v for k, v in state.items() if k in own}
     if not to_load:
         raise PretrainedLoadError(
             f"{path}: none of the {len(state)} tensors match a model key (file keys start "
-            f"with {sorted(state)[:3]}, model keys with {sorted(own)[:3]}); wrong file?"
+            f"with {sorted(state)[:3]}, model keys with {sorted(own)[:3]}); is it ImageNet "
+            "weights of the configured model.backbone?"
         )
     model.load_state_dict(to_load, strict=False)
     report = LoadReport(
@@ -342,12 +339,28 @@ def backbone_from_config(model_cfg: Any) -> nn.Module:
     ``non_local_inner_channels``, ``pretrained`` and, where the config has it,
     ``backbone_options`` (a dict of backbone-specific options)."""
     options = dict(getattr(model_cfg, "backbone_options", None) or {})
-    return build_backbone(
-        model_cfg.backbone,
-        last_stride=model_cfg.last_stride,
-        ibn=model_cfg.ibn,
-        non_local_layers=model_cfg.non_local_layers if model_cfg.non_local else None,
-        non_local_inner_channels=model_cfg.non_local_inner_channels,
-        pretrained=model_cfg.pretrained,
-        **options,
+    try:
+        return build_backbone(
+            model_cfg.backbone,
+            last_stride=model_cfg.last_stride,
+            ibn=model_cfg.ibn,
+            non_local_layers=model_cfg.non_local_layers if model_cfg.non_local else None,
+            non_local_inner_channels=model_cfg.non_local_inner_channels,
+            pretrained=model_cfg.pretrained,
+            **options,
+        )
+    except PretrainedLoadError as exc:
+        if str(exc).startswith("model.pretrained"):
+            raise
+        raise PretrainedLoadError(f"model.pretrained: {exc}") from exc
+
+
+def missing_pretrained_message(path: str | Path) -> str:
+    """What to do when the ImageNet weights file ``path`` is not there."""
+    path = Path(path)
+    where = f" (relative to {Path.cwd()})" if not path.expanduser().is_absolute() else ""
+    return (
+        f"model.pretrained: ImageNet weights file not found: {path}{where}; reidkit never "
+        "downloads weights: put torchvision-format ImageNet weights there, point "
+        "model.pretrained=PATH at yours, or train from scratch with model.pretrained=null"
     )
