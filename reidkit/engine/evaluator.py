@@ -42,9 +42,13 @@ class EvalResult:
     notes: list[str] = field(default_factory=list)
 
     def table(self, title: str = "") -> str:
-        """The metrics as a printable table (``reidkit.metrics.format_metrics_table``)."""
+        """The metrics as a printable table (``reidkit.metrics.format_metrics_table``);
+        a result without ranking (a method that is not a re-ID model) lists its metrics."""
         from reidkit.metrics.table import format_metrics_table
 
+        if self.raw is None:
+            rows = [f"{k}: {v:.4f}" for k, v in self.metrics.items()]
+            return "\n".join([title or "result", *("  " + r for r in rows)])
         return format_metrics_table({title or "result": self.raw})
 
 
@@ -215,6 +219,8 @@ def evaluate_model(
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
+    if not getattr(type(model), "evaluates_reid", True):
+        return _evaluate_extras_only(cfg, model, dataset, device)
     if not dataset.query or not dataset.gallery:
         raise ValueError(
             f"dataset '{dataset.name}' at {dataset.root}: empty query ({len(dataset.query)}) "
@@ -256,6 +262,22 @@ def evaluate_model(
             result.metrics.update(extras.metrics)
             result.notes.extend(extras.notes)
     return result
+
+
+def _evaluate_extras_only(
+    cfg: Config, model: nn.Module, dataset: ReIDDataset, device: torch.device
+) -> EvalResult | None:
+    """Evaluation of a method that is not a re-ID model (``evaluates_reid = False``): its
+    ``eval_extras`` on rank 0 (e.g. VRSTC's completion quality), no ranking."""
+    if dist_utils.get_rank() != 0:
+        return None
+    extras = model.eval_extras(cfg, dataset, device)
+    if extras is None or not extras.metrics:
+        raise ValueError(
+            f"{type(model).__name__} is not a re-ID model (evaluates_reid=False) and its "
+            "eval_extras returned no metric"
+        )
+    return EvalResult(dict(extras.metrics), torch.zeros(0), notes=list(extras.notes))
 
 
 def result_distances(cfg: Config, model: nn.Module, result: EvalResult) -> torch.Tensor:

@@ -437,8 +437,11 @@ class Trainer:
         (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         if ev.final is not None:
             self.logger.print(ev.final.table(title="final"))
-        if ev.best is not None:
-            self.logger.print(f"best mAP {100 * ev.best['mAP']:.1f} at epoch {ev.best['epoch']}")
+        key = getattr(type(self.model), "best_metric", "mAP")
+        if ev.best is not None and key in ev.best:
+            value = ev.best[key]
+            shown = f"{100 * value:.1f}" if key == "mAP" else f"{value:.4g}"
+            self.logger.print(f"best {key} {shown} at epoch {ev.best['epoch']}")
         self.logger.print(f"run folder: {self.out_dir}")
 
 
