@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vrstc_fakes import save_tiny_clip_net
 
-from reidkit.config import ConfigError, config_to_dict, load_config
+from reidkit.config import ConfigError, load_config
 from reidkit.engine.step import StepContext
 from reidkit.methods import build_method
-from reidkit.methods.base import _METHODS, ReIDMethod, register_method
 from reidkit.methods.vrstc import (
     Detections,
     STCNetMethod,
@@ -44,48 +44,9 @@ TINY = [
 ]
 
 
-# ----------------------------------------------------------------------------- a tiny guider
-class TinyClipNet(ReIDMethod):
-    """A clip re-ID network small enough for unit tests (frame maps + BN + classifier)."""
-
-    requires = frozenset({"clips"})
-    eval_requires = frozenset({"clips"})
-
-    def __init__(self, cfg, num_classes):
-        super().__init__()
-        self.num_classes = num_classes
-        self.backbone = nn.Sequential(nn.Conv2d(3, 6, 3, 2, 1), nn.BatchNorm2d(6), nn.ReLU())
-        self.bn = nn.BatchNorm1d(6)
-        self.classifier = nn.Linear(6, num_classes, bias=False)
-
-    def frame_maps(self, clips):
-        b, t = clips.shape[:2]
-        return self.backbone(clips.flatten(0, 1)).unflatten(0, (b, t))
-
-    def forward(self, batch):
-        f = self.frame_maps(batch["clips"]).mean((1, 3, 4))
-        return {"global_feat": f, "logits": self.classifier(self.bn(f))}
-
-    def compute_loss(self, outputs, batch):
-        return {"ce": F.cross_entropy(outputs["logits"], batch["pids"])}
-
-    def encode(self, batch, role="gallery"):
-        f = self.frame_maps(batch["clips"]).mean((3, 4))
-        return {"pre_bn": f, "post_bn": f}
-
-
-if "_vrstc_tiny_clip" not in _METHODS:
-    register_method("_vrstc_tiny_clip")(TinyClipNet)
-
-
 @pytest.fixture(scope="module")
 def guider_file(tmp_path_factory):
-    cfg = load_config(None, ["model.name=_vrstc_tiny_clip", "data.height=16", "data.width=8"])
-    torch.manual_seed(0)
-    net = TinyClipNet(cfg, 5)
-    path = tmp_path_factory.mktemp("guider") / "best.pt"
-    torch.save({"config": config_to_dict(cfg), "num_classes": 5, "model": net.state_dict()}, path)
-    return path
+    return save_tiny_clip_net(tmp_path_factory.mktemp("guider") / "best.pt", num_classes=5)
 
 
 def tiny_method(*extra, guider=None, num_classes=5) -> STCNetMethod:
