@@ -106,7 +106,7 @@ def test_detection_scores_match_frame_by_frame_computation(world):
                 img = transform.apply(Image.open(path).convert("RGB"))[0]
                 with torch.no_grad():
                     fmap = net.net.frame_maps(img[None, None])[0]
-                feats.append(region_pool(fmap, 3)[0])
+                feats.append(region_pool(fmap, 3, image_height=img.shape[-2])[0])
             want = occlusion_scores(torch.stack(feats))
             torch.testing.assert_close(world["scores"][split][i], want, atol=1e-5, rtol=0)
     assert any(len(r) > 4 for r in ds.train)  # tracklets span several chunks of 4 frames

@@ -130,11 +130,12 @@ def _mask_or_zeros(path: str | None, size: tuple[int, int]) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- detection
 def frame_region_features(
-    net: torch.nn.Module, clips: torch.Tensor, num_regions: int = 3
+    net: torch.nn.Module, clips: torch.Tensor, num_regions: int = 3, aligned: bool = True
 ) -> torch.Tensor:
     """Region features of every frame: ``(B, T, 3, H, W)`` (normalised for ``net``) ->
     ``(B, T, R, D)``: the final feature map of each frame, average-pooled over ``R``
-    horizontal regions (:func:`~reidkit.methods.vrstc.region_pool`).
+    horizontal regions (:func:`~reidkit.methods.vrstc.region_pool`; ``aligned``: the map
+    rows weighted by their overlap with the pixel regions, ``image_height=H``).
 
     The map comes from ``net.frame_maps(clips)`` (the temporal baseline), else from
     ``net.extract`` / ``net.backbone`` applied to the frames one by one.
@@ -155,7 +156,8 @@ def frame_region_features(
         raise ValueError(
             f"the re-ID network's frame maps must be (N, C, h, w), got {tuple(maps.shape)}"
         )
-    return region_pool(maps.float(), num_regions).unflatten(0, (b, t))
+    height = clips.shape[-2] if aligned else None
+    return region_pool(maps.float(), num_regions, height).unflatten(0, (b, t))
 
 
 @torch.no_grad()
@@ -168,6 +170,7 @@ def detect_dataset(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     progress: bool = False,
+    aligned: bool = True,
 ) -> dict[str, list[torch.Tensor]]:
     """Region scores ``(T, R)`` of every tracklet of ``splits``: every frame through ``net``
     (its own input size and normalisation, ``net_cfg.data``) in consecutive chunks of
@@ -185,7 +188,9 @@ def detect_dataset(
     for split in splits:
         records = getattr(dataset, split)
         loader = build_clip_test_loader(cfg, records, clip) if records else []
-        out[split] = _score_split(net, loader, records, num_regions, device, progress, split)
+        out[split] = _score_split(
+            net, loader, records, num_regions, device, progress, split, aligned
+        )
     return out
 
 
@@ -197,6 +202,7 @@ def _score_split(
     device: torch.device,
     progress: bool,
     split: str,
+    aligned: bool = True,
 ) -> list[torch.Tensor]:
     """Scores of one split from a chunk loader (chunks in tracklet order, then chunk
     order): a tracklet's scores are computed as soon as its last chunk has passed."""
@@ -214,7 +220,8 @@ def _score_split(
         scores[current] = occlusion_scores(feats)
 
     for batch in _progress(loader, progress, f"detect {split}"):
-        feats = frame_region_features(net, batch["clips"].to(device), num_regions).cpu()
+        clips = batch["clips"].to(device)
+        feats = frame_region_features(net, clips, num_regions, aligned).cpu()
         for i, (index, mask) in enumerate(zip(batch["index"].tolist(), batch["clip_mask"])):
             if index != current:
                 if current >= 0:

@@ -125,19 +125,44 @@ def regions_to_mask(region_flags: torch.Tensor, height: int, width: int) -> torc
     return rows[..., None, :, None].expand(*rows.shape[:-1], 1, height, width).contiguous()
 
 
-def region_pool(feature_map: torch.Tensor, num_regions: int = 3) -> torch.Tensor:
+def region_pool(
+    feature_map: torch.Tensor, num_regions: int = 3, image_height: int | None = None
+) -> torch.Tensor:
     """Average-pool a map into horizontal region features: ``(N, C, h, w) -> (N, R, C)``.
 
-    Uses the partition of :func:`region_bounds` (not the overlapping bins of
-    ``adaptive_avg_pool2d`` when ``h % R != 0``), so regions match the pixel masks.
+    Default: the partition of :func:`region_bounds` of the ``h`` map rows (not the
+    overlapping bins of ``adaptive_avg_pool2d`` when ``h % R != 0``).
+
+    ``image_height=H``: pixel-aligned pooling. Map row ``y`` covers the pixel rows
+    ``[y H / h, (y + 1) H / h)``; region ``r`` is the pixel region of :func:`region_bounds`
+    ``(H, R)`` (the rows :func:`region_pixel_masks` and the completion use), and each map row
+    weighs by the share of the region it covers. With a coarse map (4 rows at 64x32 input)
+    the row partition would put pixel rows 32..63 in the last region where the pixel
+    partition has 42..63; the aligned weights follow the pixels.
     """
     if feature_map.dim() != 4:
         raise ValueError(f"feature_map must be (N, C, h, w), got {tuple(feature_map.shape)}")
     h = feature_map.shape[2]
-    region_bounds(h, num_regions)
-    member = _row_membership(h, num_regions, feature_map.device, feature_map.dtype)
-    weights = member / member.sum(dim=1, keepdim=True)  # (R, h) row averages
+    if image_height is None:
+        region_bounds(h, num_regions)
+        member = _row_membership(h, num_regions, feature_map.device, feature_map.dtype)
+        weights = member / member.sum(dim=1, keepdim=True)  # (R, h) row averages
+    else:
+        weights = _aligned_row_weights(h, image_height, num_regions).to(
+            device=feature_map.device, dtype=feature_map.dtype
+        )
     return torch.einsum("nchw,rh->nrc", feature_map, weights) / feature_map.shape[3]
+
+
+def _aligned_row_weights(rows: int, image_height: int, num_regions: int) -> torch.Tensor:
+    """``(R, rows)``: the share of pixel region ``r`` covered by map row ``y``."""
+    bounds = torch.tensor(region_bounds(image_height, num_regions), dtype=torch.float64)
+    y = torch.arange(rows, dtype=torch.float64)
+    lo, hi = y * image_height / rows, (y + 1) * image_height / rows  # (rows,)
+    overlap = (
+        torch.minimum(hi[None], bounds[:, 1:]) - torch.maximum(lo[None], bounds[:, :1])
+    ).clamp(min=0)
+    return (overlap / (bounds[:, 1:] - bounds[:, :1])).float()
 
 
 # ----------------------------------------------------------------------------- scoring
