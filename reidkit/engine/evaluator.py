@@ -215,12 +215,22 @@ def evaluate_model(
     method's ``eval_extras`` are added to ``metrics`` and ``notes`` (for the caller to
     print). Under DDP every rank must call this; rank 0 gets the result, the other ranks
     ``None``. ``rerank`` defaults to ``cfg.test.rerank``; ``occlusion_p`` erases a random
-    box of each test image with that probability (seeded; MGRe's occlusion test)."""
+    box of each test image with that probability (seeded; MGRe's occlusion test).
+
+    A video (tracklet) dataset is evaluated by
+    :func:`reidkit.engine.video_eval.evaluate_video` in the modes of ``test.video_mode``
+    (a :class:`~reidkit.engine.video_eval.VideoEvalResult`)."""
+    from reidkit.engine.video_eval import evaluate_video, is_video_dataset
+
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
     if not getattr(type(model), "evaluates_reid", True):
         return _evaluate_extras_only(cfg, model, dataset, device)
+    if is_video_dataset(dataset):
+        if occlusion_p > 0:
+            raise ValueError("the occlusion test (occlusion_p) is defined for image datasets")
+        return evaluate_video(cfg, model, dataset, device, rerank=rerank, progress=progress)
     if not dataset.query or not dataset.gallery:
         raise ValueError(
             f"dataset '{dataset.name}' at {dataset.root}: empty query ({len(dataset.query)}) "

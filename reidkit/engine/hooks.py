@@ -165,6 +165,12 @@ class LoggerHook(HookBase):
     def on_error(self, exc: BaseException) -> None:
         self._close()
 
+    @staticmethod
+    def _unit(t: Any) -> str:
+        from reidkit.engine.video_eval import is_video_dataset
+
+        return "clip" if is_video_dataset(getattr(t, "dataset", None)) else "img"
+
     def after_epoch(self) -> None:
         t = self.trainer
         self._close()
@@ -189,7 +195,7 @@ class LoggerHook(HookBase):
             eta = (time.time() - t.session_start) / done * (t.total_epochs - t.epoch - 1)
             t.logger.print(
                 f"epoch {t.epoch + 1}/{t.total_epochs} lr={t.lr:.2e} {terms} "
-                f"({format_duration(epoch_time)}, {images_per_s:.1f} img/s, "
+                f"({format_duration(epoch_time)}, {images_per_s:.1f} {self._unit(t)}/s, "
                 f"ETA {format_duration(eta)})"
             )
 

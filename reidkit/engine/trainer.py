@@ -158,6 +158,7 @@ class Trainer:
     def build(self) -> None:
         from reidkit.data.datasets import dataset_from_config
         from reidkit.data.loader import batch_keys, build_train_loader
+        from reidkit.engine.video_eval import is_video_dataset
         from reidkit.methods import build_method, check_requirements
 
         cfg, info = self.cfg, self.info
@@ -182,12 +183,10 @@ class Trainer:
 
         spec = method_spec(cfg.model.name)
         check_requirements(cfg.model.name, spec.cls.requires, batch_keys(self.dataset.train))
-        check_requirements(
-            cfg.model.name,
-            spec.cls.eval_requires,
-            batch_keys(self.dataset.query) & batch_keys(self.dataset.gallery),
-            split="query/gallery",
-        )
+        eval_keys = batch_keys(self.dataset.query) & batch_keys(self.dataset.gallery)
+        if is_video_dataset(self.dataset):
+            eval_keys |= {"images"}  # frames are images (I2V, V2I, I2I; image methods)
+        check_requirements(cfg.model.name, spec.cls.eval_requires, eval_keys, split="query/gallery")
         self.num_classes = self.dataset.num_train_pids
         model = build_method(cfg, self.num_classes)
         if cfg.model.sync_bn and info.distributed:
