@@ -224,6 +224,7 @@ def _changed(before, params):
 
 def test_train_step_discriminator_then_generator(guider_file):
     m = tiny_method(guider=guider_file)
+    assert m._guider == []  # not loaded before it is used
     cfg = m.cfg
     ctx = RecordingContext(m, m.optimizers(cfg), torch.device("cpu"))
     assert set(ctx.optimizers) == {"g", "d"} and not any(s.default for s in ctx.optimizers.values())
@@ -357,8 +358,9 @@ def test_options_are_checked():
 
 
 def test_guider_with_other_identities_is_refused(guider_file):
+    m = tiny_method(guider=guider_file, num_classes=7)  # builds: the guider loads on use
     with pytest.raises(ValueError, match="5 identities, the STCnet training set 7"):
-        tiny_method(guider=guider_file, num_classes=7)
+        m.guider  # noqa: B018
     net = load_reid_network(guider_file)
     assert net.num_classes == 5 and not net.net.training
     assert not any(p.requires_grad for p in net.net.parameters())
@@ -376,3 +378,62 @@ def test_complete_composites_only_the_mask():
         assert not torch.equal(y * mask, x * mask)
     x1b, x2b = m.complete(x, mask, None, None)
     assert torch.equal(x1b, x2b) and torch.equal(x1b, x1)
+
+
+# ----------------------------------------------------------------------------- the trainer
+@pytest.fixture(scope="module")
+def tiny_video(tmp_path_factory):
+    from reidkit.data.synth import generate_video
+
+    root = tmp_path_factory.mktemp("tinyvideo")
+    generate_video(root / "synth-tiny-video", "tiny-video", seed=0, workers=0, height=64,
+                   width=32, progress=False)  # fmt: skip
+    return root
+
+
+def _stcnet_config(root, out, guider, **extra):
+    over = {
+        "output_dir": str(out),
+        "device": "cpu",
+        "data.dataset": "synth_video",
+        "data.synth_preset": "tiny-video",
+        "data.root": str(root),
+        "data.batch_size": 4,
+        "data.num_workers": 0,
+        "data.seq_len": 3,
+        "solver.max_epochs": 3,
+        "solver.iters_per_epoch": 2,
+        "test.eval_period": 2,
+        "model.stcnet.reid_weights": str(guider),
+        "model.stcnet.val_tracklets": 4,
+        **extra,
+    }
+    return load_config(None, [*TINY, *(f"{k}={v}" for k, v in over.items())])
+
+
+def test_stcnet_trains_and_resumes_exactly(tiny_video, tmp_path):
+    from reidkit.engine import train
+    from reidkit.engine.checkpoint import load_checkpoint
+
+    guider = save_tiny_clip_net(tmp_path / "reid" / "best.pt", num_classes=5, height=32, width=16)
+    full = train(_stcnet_config(tiny_video, tmp_path / "full", guider), progress=False)
+    part_cfg = _stcnet_config(tiny_video, tmp_path / "part", guider)
+    train(part_cfg, stop_after_epochs=2, progress=False)
+    train(part_cfg, resume=True, progress=False)
+    a = load_checkpoint(full / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    assert not any("guider" in k for k in a["model"])
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-6, rtol=0, msg=k)
+    assert set(a["optimizers"]) == {"g", "d"}
+    assert a["optimizers"]["g"]["state"] and a["optimizers"]["d"]["state"]
+    assert a["global_step"] == b["global_step"] == 6 and a["best"] == b["best"]
+    # evaluation is the completion of held-out tracklets; best.pt by psnr_x2
+    metrics = json.loads((full / "metrics.json").read_text())
+    assert {"psnr_x2", "l1_x1", "psnr_copy"} <= set(metrics["final"])
+    assert metrics["best"]["psnr_x2"] >= metrics["final"]["psnr_x2"]
+    assert (full / "checkpoints" / "best.pt").is_file()
+    rows = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
+    epoch = [r for r in rows if r.get("type") == "epoch"][0]
+    assert {"d_global", "d_local", "l1_x1", "l1_x2", "adv_global", "id", "psnr_x2"} <= set(epoch)

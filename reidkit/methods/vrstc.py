@@ -690,28 +690,33 @@ class STCNetMethod(ReIDMethod):
         self.mean = tuple(cfg.data.mean)
         self.std = tuple(cfg.data.std)
         self.seed = int(cfg.seed)
-        # held in a list: not a submodule (no state dict entry, never trained, eval mode)
+        # held in a list: not a submodule (no state dict entry, never trained, eval mode);
+        # loaded on first use (the first training step), so a config builds without the file
         self._guider: list[ReIDNetwork] = []
-        if o.id_weight > 0:
-            if not o.reid_weights:
-                raise ValueError(
-                    "model.stcnet.reid_weights is not set: the ID guider needs the trained "
-                    "re-ID network (the temporal baseline's checkpoint); or set "
-                    "model.stcnet.id_weight=0"
-                )
-            guider = load_reid_network(o.reid_weights)
-            if num_classes and guider.num_classes != num_classes:
-                raise ValueError(
-                    f"model.stcnet.reid_weights={o.reid_weights}: the re-ID network has "
-                    f"{guider.num_classes} identities, the STCnet training set {num_classes}: "
-                    "train both on the same dataset"
-                )
-            self._guider.append(guider)
+        if o.id_weight > 0 and not o.reid_weights:
+            raise ValueError(
+                "model.stcnet.reid_weights is not set: the ID guider needs the trained "
+                "re-ID network (the temporal baseline's checkpoint); or set "
+                "model.stcnet.id_weight=0"
+            )
         self._detections: Detections | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
     def guider(self) -> ReIDMethod | None:
+        """The frozen ID guider (loaded from ``reid_weights`` on first access, on the
+        method's device); ``None`` when ``id_weight`` is 0."""
+        o = self.opts
+        if not self._guider and o.id_weight > 0 and o.reid_weights:
+            device = next(self.parameters()).device
+            guider = load_reid_network(o.reid_weights, device)
+            if self.num_classes and guider.num_classes != self.num_classes:
+                raise ValueError(
+                    f"model.stcnet.reid_weights={o.reid_weights}: the re-ID network has "
+                    f"{guider.num_classes} identities, the STCnet training set "
+                    f"{self.num_classes}: train both on the same dataset"
+                )
+            self._guider.append(guider)
         return self._guider[0].net if self._guider else None
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module API
@@ -830,7 +835,9 @@ class STCNetMethod(ReIDMethod):
     ) -> torch.Tensor:
         """The ID guider's CE on completed frames (``[-1, 1]``), mapped to its input size
         and normalisation; gradients reach the frames, never the frozen guider."""
-        net, net_cfg = self._guider[0].net, self._guider[0].cfg
+        net = self.guider
+        assert net is not None
+        net_cfg = self._guider[0].cfg
         x = torch.cat(completions)
         size = (net_cfg.data.height, net_cfg.data.width)
         if tuple(x.shape[-2:]) != size:
