@@ -129,17 +129,40 @@ def _mask_or_zeros(path: str | None, size: tuple[int, int]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- detection
+def _feature_bn(net: torch.nn.Module) -> torch.nn.Module:
+    """The BatchNorm that turns the network's pooled feature into its post-BN test feature
+    (BNNeck's ``neck.bn``; ``bottleneck`` / ``bn`` for other heads)."""
+    for path in ("neck.bn", "bottleneck", "bn"):
+        mod: Any = net
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+        if isinstance(mod, torch.nn.Module):
+            return mod
+    raise ValueError(
+        f"{type(net).__name__} has no BNNeck BatchNorm (neck.bn): use region features "
+        "'pre_bn' (--region-feature pre_bn)"
+    )
+
+
 def frame_region_features(
-    net: torch.nn.Module, clips: torch.Tensor, num_regions: int = 3, aligned: bool = True
+    net: torch.nn.Module,
+    clips: torch.Tensor,
+    num_regions: int = 3,
+    aligned: bool = True,
+    feature: str = "post_bn",
 ) -> torch.Tensor:
     """Region features of every frame: ``(B, T, 3, H, W)`` (normalised for ``net``) ->
     ``(B, T, R, D)``: the final feature map of each frame, average-pooled over ``R``
     horizontal regions (:func:`~reidkit.methods.vrstc.region_pool`; ``aligned``: the map
-    rows weighted by their overlap with the pixel regions, ``image_height=H``).
+    rows weighted by their overlap with the pixel regions, ``image_height=H``), then, for
+    ``feature="post_bn"``, through the network's BNNeck BatchNorm (eval mode), as its test
+    feature is; ``"pre_bn"``: the pooled map as it is.
 
     The map comes from ``net.frame_maps(clips)`` (the temporal baseline), else from
     ``net.extract`` / ``net.backbone`` applied to the frames one by one.
     """
+    if feature not in ("pre_bn", "post_bn"):
+        raise ValueError(f"region feature must be 'pre_bn' or 'post_bn', got {feature!r}")
     b, t = clips.shape[:2]
     if hasattr(net, "frame_maps"):
         maps = net.frame_maps(clips).flatten(0, 1)
@@ -157,7 +180,20 @@ def frame_region_features(
             f"the re-ID network's frame maps must be (N, C, h, w), got {tuple(maps.shape)}"
         )
     height = clips.shape[-2] if aligned else None
-    return region_pool(maps.float(), num_regions, height).unflatten(0, (b, t))
+    feats = region_pool(maps.float(), num_regions, height)  # (N, R, C)
+    if feature == "post_bn":
+        bn = _feature_bn(net)
+        feats = bn(feats.flatten(0, 1)).unflatten(0, feats.shape[:2])
+    return feats.unflatten(0, (b, t))
+
+
+def resolve_region_feature(feature: str, net_cfg: Any) -> str:
+    """``"test"`` -> the re-ID config's ``test.feature`` (``post_bn`` / ``pre_bn``)."""
+    if feature == "test":
+        feature = str(getattr(getattr(net_cfg, "test", None), "feature", "post_bn"))
+        if feature not in ("pre_bn", "post_bn"):
+            feature = "post_bn"
+    return feature
 
 
 @torch.no_grad()
@@ -171,16 +207,19 @@ def detect_dataset(
     num_workers: int = 0,
     progress: bool = False,
     aligned: bool = True,
+    feature: str = "test",
 ) -> dict[str, list[torch.Tensor]]:
     """Region scores ``(T, R)`` of every tracklet of ``splits``: every frame through ``net``
     (its own input size and normalisation, ``net_cfg.data``) in consecutive chunks of
     ``net_cfg.data.test_chunk_len`` frames, region features of the tracklet's frames,
-    :func:`~reidkit.methods.vrstc.occlusion_scores`. Returns ``{split: [scores, ...]}`` in
-    the split's tracklet order."""
+    :func:`~reidkit.methods.vrstc.occlusion_scores`. ``feature``: the region feature
+    (:func:`frame_region_features`; ``"test"``: the re-ID config's ``test.feature``).
+    Returns ``{split: [scores, ...]}`` in the split's tracklet order."""
     from reidkit.data.clips import ClipOptions, build_clip_test_loader
 
     device = torch.device(device)
     net = net.to(device).eval()
+    feature = resolve_region_feature(feature, net_cfg)
     data = net_cfg.data.model_copy(update={"num_workers": num_workers})
     cfg = net_cfg.model_copy(update={"data": data})
     clip = ClipOptions(seq_len=1, test_sampling="chunks", chunk_len=data.test_chunk_len)
@@ -189,7 +228,7 @@ def detect_dataset(
         records = getattr(dataset, split)
         loader = build_clip_test_loader(cfg, records, clip) if records else []
         out[split] = _score_split(
-            net, loader, records, num_regions, device, progress, split, aligned
+            net, loader, records, num_regions, device, progress, split, aligned, feature
         )
     return out
 
@@ -203,6 +242,7 @@ def _score_split(
     progress: bool,
     split: str,
     aligned: bool = True,
+    feature: str = "post_bn",
 ) -> list[torch.Tensor]:
     """Scores of one split from a chunk loader (chunks in tracklet order, then chunk
     order): a tracklet's scores are computed as soon as its last chunk has passed."""
@@ -221,7 +261,7 @@ def _score_split(
 
     for batch in _progress(loader, progress, f"detect {split}"):
         clips = batch["clips"].to(device)
-        feats = frame_region_features(net, clips, num_regions, aligned).cpu()
+        feats = frame_region_features(net, clips, num_regions, aligned, feature).cpu()
         for i, (index, mask) in enumerate(zip(batch["index"].tolist(), batch["clip_mask"])):
             if index != current:
                 if current >= 0:
@@ -255,10 +295,12 @@ def scores_document(
     tau: float = DEFAULT_TAU,
     num_regions: int = 3,
     reid_weights: str | None = None,
+    **meta: Any,
 ) -> dict[str, Any]:
     """The ``scores.json`` of ``reidkit vrstc detect``: for every tracklet its ``pid``,
     ``camid``, frames (relative to the dataset folder) and region scores (4 decimals), with
-    ``tau``, ``num_regions``, the dataset and the re-ID weights used."""
+    ``tau``, ``num_regions``, the dataset, the re-ID weights used and ``meta`` (e.g. the
+    region feature and pooling)."""
     base = str(getattr(dataset, "dataset_dir", "") or dataset.root)
     doc: dict[str, Any] = {
         "version": SCORES_VERSION,
@@ -267,6 +309,7 @@ def scores_document(
         "tau": float(tau),
         "num_regions": int(num_regions),
         "reid_weights": str(reid_weights) if reid_weights else None,
+        **meta,
         "tracklets": {},
     }
     for split, items in scores.items():
@@ -368,10 +411,12 @@ def detection_report(
 ) -> dict[str, Any]:
     """Precision / recall of the detected occluded regions (``score < tau``) against the
     truly occluded ones (``coverage >= coverage_threshold``), over every (frame, region)
-    of every tracklet: per split and over all, the tau curve (``taus``, default 0.50 ..
-    1.00 in steps of 0.005) and the result at ``tau`` for other coverage thresholds."""
-    if taus is None:
-        taus = [round(0.5 + 0.005 * i, 3) for i in range(101)]
+    of every tracklet: per split and over all, the tau curve and the result at ``tau`` for
+    other coverage thresholds.
+
+    ``taus`` default: -1.00 .. 1.00 in steps of 0.01 plus the score quantiles 0.001 ..
+    0.999 (where the scores are dense, e.g. just below 1), so the curve shows the whole
+    trade-off whatever the score range."""
     flat_s: dict[str, torch.Tensor] = {}
     flat_c: dict[str, torch.Tensor] = {}
     for split in scores:
@@ -383,10 +428,17 @@ def detection_report(
     all_s = torch.cat(list(flat_s.values()))
     all_c = torch.cat(list(flat_c.values()))
     truth = all_c >= coverage_threshold
+    if taus is None:
+        grid = {round(-1 + 0.01 * i, 4) for i in range(201)}
+        qs = torch.linspace(0.001, 0.999, 999, dtype=torch.float64)
+        grid |= {round(float(v), 5) for v in torch.quantile(all_s.double(), qs)}
+        taus = sorted(grid | {float(tau)})
+    score_q001 = float(torch.quantile(all_s.double(), 0.001))
     report: dict[str, Any] = {
         "tau": tau,
         "coverage_threshold": coverage_threshold,
         "regions": int(all_s.numel()),
+        "score_q001": score_q001,
         "at_tau": _counts(all_s < tau, truth),
         "splits": {s: _counts(flat_s[s] < tau, flat_c[s] >= coverage_threshold) for s in flat_s},
         "other_coverages": {str(c): _counts(all_s < tau, all_c >= c) for c in other_coverages},
@@ -414,6 +466,8 @@ def plot_tau_curve(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax1.plot(curve["tau"], curve["f1"], label="F1", linestyle=":")
     ax1.axvline(report["tau"], color="grey", linestyle="--", label=f"tau = {report['tau']}")
     ax1.set_xlabel("tau (region score threshold)")
+    scores_lo = report.get("score_q001", curve["tau"][0])
+    ax1.set_xlim(min(scores_lo, report["tau"] - 0.02), 1.0)
     ax1.set_ylim(0, 1.02)
     ax1.set_title(
         f"occluded regions (coverage >= {report['coverage_threshold']:.0%}): "

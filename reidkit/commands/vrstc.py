@@ -85,6 +85,8 @@ def _detect(
         device=device,
         num_workers=cfg.data.num_workers,
         progress=not args.no_progress,
+        aligned=args.pooling == "aligned",
+        feature=args.region_feature,
     )
 
 
@@ -107,7 +109,10 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     dataset = _dataset(cfg)
     out = Path(args.out)
     scores = _detect(cfg, dataset, reid, regions, args.splits, args)
-    path = write_json(out / "scores.json", scores_document(dataset, scores, tau, regions, reid))
+    meta = {"region_feature": args.region_feature, "pooling": args.pooling}
+    path = write_json(
+        out / "scores.json", scores_document(dataset, scores, tau, regions, reid, **meta)
+    )
     flagged = sum(int((s < tau).any(dim=1).sum()) for v in scores.values() for s in v)
     frames = sum(s.shape[0] for v in scores.values() for s in v)
     print(f"scores: {path} ({flagged} of {frames} frames have a region below tau={tau})")
@@ -299,10 +304,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             help="horizontal regions (default model.stcnet.num_regions, 3)",
         )
         q.add_argument(
+            "--pooling",
+            choices=["aligned", "rows"],
+            default="aligned",
+            help="region features: map rows weighted by their overlap with the pixel regions "
+            "(default) or a partition of the map rows",
+        )
+        q.add_argument(
+            "--region-feature",
+            choices=["test", "post_bn", "pre_bn"],
+            default="test",
+            help="region features: the re-ID config's test.feature (default), BNNeck's "
+            "post-BN feature, or the pooled map (pre-BN)",
+        )
+        q.add_argument(
             "--coverage",
             type=float,
             default=0.2,
-            help="ground truth: a region is occluded when the occluder covers this share of it (default 0.2)",
+            help="ground truth: a region is truly occluded when the occluder covers this share "
+            "of its pixels (default 0.2)",
         )
         q.add_argument("--device", default=None, help="override cfg.device")
         q.add_argument("--no-progress", action="store_true", help="no progress bars")
