@@ -128,6 +128,18 @@ def test_select_targets_are_valid_uniform_and_seeded():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_robust_tau_hand_values():
+    from reidkit.methods.vrstc import resolve_tau, robust_tau
+
+    s = torch.tensor([0.90, 0.95, 0.96, 0.97, 0.98, float("nan")])
+    # median 0.96, |s - med| = 0.06, 0.01, 0, 0.01, 0.02 -> MAD 0.01
+    assert robust_tau(s, k=2.0) == pytest.approx(0.96 - 2 * 1.4826 * 0.01)
+    assert resolve_tau([s[:3], s[3:]], 0.89, "robust", 2.0) == pytest.approx(robust_tau(s, 2.0))
+    assert resolve_tau(s, 0.89) == 0.89
+    with pytest.raises(ValueError, match="tau rule"):
+        resolve_tau(s, 0.89, "auto")
+
+
 # ----------------------------------------------------------------------------- losses
 def test_masked_l1_hand_values():
     pred = torch.zeros(2, 3, 4, 2)
@@ -338,6 +350,11 @@ def test_prepare_inputs_respects_detections_and_masks(tmp_path):
     assert det.occluded("/elsewhere/bbox_train/0000/f0_1.jpg") is True
     assert det.occluded("/x/bbox_train/0000/f0_0.jpg") is False
     assert det.occluded("/x/nothing.jpg") is None
+    # the robust rule over all 36 scores (18 x 0.5, 18 x 0.99): torch's median is the lower
+    # middle value 0.5, the MAD 0, so tau = 0.5 and no score is below it
+    robust = Detections(det_path, rule="robust", k=3.0)
+    assert robust.tau == pytest.approx(0.5)
+    assert robust.occluded("/x/bbox_train/0000/f0_1.jpg") is False
     with pytest.raises(ValueError, match="none of the batch"):
         m.prepare_inputs({**b, "paths": [["/a/b/c.jpg"] * 4] * 3}, 0)
 

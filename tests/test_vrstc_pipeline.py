@@ -313,6 +313,13 @@ def test_vrstc_commands_end_to_end(world, tmp_path, capsys):
     report = json.loads((det / "detection.json").read_text())
     assert len(report["curve"]["tau"]) >= 201 and (det / "tau_curve.png").stat().st_size > 5000
     assert "precision" in capsys.readouterr().out
+    again = tmp_path / "det2"  # re-threshold the same scores with the robust rule
+    args = ["--scores", str(det / "scores.json"), "--tau-rule", "robust", "--out", str(again)]
+    assert main(["vrstc", "detect", *base, *args]) == 0
+    report2 = json.loads((again / "detection.json").read_text())
+    assert report2["tau_rule"] == "robust" and report2["tau"] != report["tau"]
+    assert report2["regions"] == report["regions"]
+    assert "tau (robust" in capsys.readouterr().out
     w = ["--weights", str(world["stc_path"])]
     out = tmp_path / "done"
     args = ["vrstc", "complete", *base, *w, "--scores", str(det / "scores.json"), "--out", str(out)]

@@ -34,15 +34,37 @@ __all__ = ["add_parser"]
 def _options(cfg: Any, args: argparse.Namespace) -> tuple[float, int, str | None]:
     """``tau``, ``num_regions`` and the re-ID weights: the command line, else
     ``model.stcnet``, else the defaults."""
-    from reidkit.methods.vrstc import STCNetOptions, method_options
-
-    opts = method_options(cfg, STCNetOptions, "stcnet")
+    opts = _stcnet_options(cfg)
     tau = args.tau if getattr(args, "tau", None) is not None else opts.tau
     regions = (
         args.num_regions if getattr(args, "num_regions", None) is not None else opts.num_regions
     )
     reid = getattr(args, "reid_weights", None) or opts.reid_weights
     return float(tau), int(regions), reid
+
+
+def _stcnet_options(cfg: Any) -> Any:
+    from reidkit.methods.vrstc import STCNetOptions, method_options
+
+    return method_options(cfg, STCNetOptions, "stcnet")
+
+
+def _threshold(cfg: Any, args: argparse.Namespace, scores: dict) -> tuple[float, dict]:
+    """The threshold applied to ``scores`` (all the splits at hand) and how it was chosen:
+    ``--tau-rule`` / ``model.stcnet.tau_rule`` ``fixed`` (tau) or ``robust``
+    (median - tau_mad * MAD of the scores)."""
+    from reidkit.methods.vrstc import resolve_tau
+
+    opts = _stcnet_options(cfg)
+    tau, _, _ = _options(cfg, args)
+    rule = getattr(args, "tau_rule", None) or opts.tau_rule
+    k = getattr(args, "tau_mad", None) or opts.tau_mad
+    resolved = resolve_tau([x for v in scores.values() for x in v], tau, rule, k)
+    info = {"tau_rule": rule, "tau_given": tau, "tau_mad": k if rule == "robust" else None}
+    if rule == "robust":
+        print(f"tau (robust: median - {k} MAD of {sum(len(v) for v in scores.values())} "
+              f"tracklets' region scores) = {resolved:.4f}")  # fmt: skip
+    return resolved, info
 
 
 def _dataset(cfg: Any) -> Any:
@@ -105,11 +127,15 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     )
 
     cfg = _common.load_config_from_args(args)
-    tau, regions, reid = _options(cfg, args)
+    _, regions, reid = _options(cfg, args)
     dataset = _dataset(cfg)
     out = Path(args.out)
-    scores = _detect(cfg, dataset, reid, regions, args.splits, args)
-    meta = {"region_feature": args.region_feature, "pooling": args.pooling}
+    if args.scores:  # re-threshold / re-measure existing scores, no network
+        scores = _read_scores_file(args.scores, dataset, regions, args.splits)
+    else:
+        scores = _detect(cfg, dataset, reid, regions, args.splits, args)
+    tau, info = _threshold(cfg, args, scores)
+    meta = {"region_feature": args.region_feature, "pooling": args.pooling, **info}
     path = write_json(
         out / "scores.json", scores_document(dataset, scores, tau, regions, reid, **meta)
     )
@@ -121,6 +147,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
             split: [truth_coverage(r, regions) for r in getattr(dataset, split)] for split in scores
         }
         report = detection_report(scores, coverage, tau, args.coverage)
+        report.update(info)
         write_json(out / "detection.json", report)
         plot_tau_curve(report, out / "tau_curve.png")
         at = report["at_tau"]
@@ -155,20 +182,23 @@ def _load_stcnet(cfg: Any, weights: str, device: Any) -> Any:
     return method.to(device).eval()
 
 
-def _scores_for(cfg: Any, dataset: Any, args: Any, splits: list[str]) -> dict:
+def _read_scores_file(path: str, dataset: Any, regions: int, splits: list[str]) -> dict:
     from reidkit.analysis.vrstc import read_scores
 
-    tau, regions, reid = _options(cfg, args)
+    doc, scores = read_scores(path, dataset)
+    if int(doc.get("num_regions", regions)) != regions:
+        raise ValueError(f"{path}: scored with {doc['num_regions']} regions, not {regions}")
+    missing = [s for s in splits if s not in scores]
+    if missing:
+        raise ValueError(f"{path}: no scores for split(s) {missing}")
+    return {s: scores[s] for s in splits}
+
+
+def _scores_for(cfg: Any, dataset: Any, args: Any, splits: list[str]) -> dict:
+    """Scores of ``splits``: from ``--scores``, else detected now."""
+    _, regions, reid = _options(cfg, args)
     if args.scores:
-        doc, scores = read_scores(args.scores, dataset)
-        if int(doc.get("num_regions", regions)) != regions:
-            raise ValueError(
-                f"{args.scores}: scored with {doc['num_regions']} regions, STCnet uses {regions}"
-            )
-        missing = [s for s in splits if s not in scores]
-        if missing:
-            raise ValueError(f"{args.scores}: no scores for split(s) {missing}")
-        return {s: scores[s] for s in splits}
+        return _read_scores_file(args.scores, dataset, regions, splits)
     return _detect(cfg, dataset, reid, regions, splits, args)
 
 
@@ -183,6 +213,7 @@ def _cmd_complete(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} already exists: pass --overwrite to replace it")
     splits = ["train", "query", "gallery"]
     scores = _scores_for(cfg, dataset, args, splits)
+    tau, info = _threshold(cfg, args, scores)
     device = _device(args, cfg)
     stc = _load_stcnet(cfg, args.weights, device)
     summary = complete_dataset(
@@ -199,9 +230,14 @@ def _cmd_complete(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=cfg.data.num_workers,
         progress=not args.no_progress,
-        meta={"weights": str(args.weights), "reid_weights": reid, "scores_file": args.scores},
+        meta={
+            "weights": str(args.weights),
+            "reid_weights": reid,
+            "scores_file": args.scores,
+            **info,
+        },
     )
-    write_json(out / "scores.json", scores_document(dataset, scores, tau, regions, reid))
+    write_json(out / "scores.json", scores_document(dataset, scores, tau, regions, reid, **info))
     for split, c in summary["counts"].items():
         print(
             f"{split}: {c['replaced_frames']} of {c['frames']} frames completed "
@@ -254,7 +290,13 @@ def _cmd_page(args: argparse.Namespace) -> int:
     cfg = _common.load_config_from_args(args)
     tau, regions, reid = _options(cfg, args)
     dataset = _dataset(cfg)
-    scores = _scores_for(cfg, dataset, args, args.splits)
+    if args.scores:  # the threshold from every split of the file, as `complete` does
+        every = _read_scores_file(args.scores, dataset, regions, ["train", "query", "gallery"])
+        tau, _ = _threshold(cfg, args, every)
+        scores = {s: every[s] for s in args.splits}
+    else:
+        scores = _scores_for(cfg, dataset, args, args.splits)
+        tau, _ = _threshold(cfg, args, scores)
     device = _device(args, cfg)
     stc = _load_stcnet(cfg, args.weights, device)
     tracklets = page_tracklets(
@@ -264,7 +306,7 @@ def _cmd_page(args: argparse.Namespace) -> int:
         "dataset": f"{dataset.name} ({getattr(dataset, 'dataset_dir', dataset.root)})",
         "STCnet weights": args.weights,
         "re-ID network": reid or "(scores file)",
-        "tau / regions": f"{tau} / {regions}",
+        "tau / regions": f"{tau:.4f} / {regions}",
         "input size": f"{cfg.data.height}x{cfg.data.width}",
     }
     page = render_vrstc_page(
@@ -296,6 +338,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             type=float,
             default=None,
             help="region score threshold (default model.stcnet.tau, 0.89)",
+        )
+        q.add_argument(
+            "--tau-rule",
+            choices=["fixed", "robust"],
+            default=None,
+            help="fixed: tau as given (default model.stcnet.tau_rule); robust: median - "
+            "--tau-mad x MAD of all region scores (label-free)",
+        )
+        q.add_argument(
+            "--tau-mad",
+            type=float,
+            default=None,
+            help="k of the robust rule (default model.stcnet.tau_mad, 3)",
         )
         q.add_argument(
             "--num-regions",
@@ -334,6 +389,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     common(q, weights=False)
     q.add_argument(
         "--out", required=True, help="output folder (scores.json, detection.json, tau_curve.png)"
+    )
+    q.add_argument(
+        "--scores", default=None, help="re-threshold / re-measure this scores.json (no network)"
     )
     q.add_argument(
         "--splits",

@@ -77,6 +77,8 @@ __all__ = [
     "region_pixel_masks",
     "region_pool",
     "regions_to_mask",
+    "resolve_tau",
+    "robust_tau",
     "select_targets",
     "temporal_attention",
     "to_gan_range",
@@ -225,6 +227,41 @@ def detect_occluded(scores: torch.Tensor, tau: float = DEFAULT_TAU) -> torch.Ten
     """Occluded regions: ``scores < tau`` (bool, same shape; NaN scores are never occluded).
     A frame is unoccluded when none of its regions is: ``~detect_occluded(s).any(-1)``."""
     return scores < tau
+
+
+TauRule = Literal["fixed", "robust"]
+
+
+def robust_tau(scores: torch.Tensor, k: float = 3.0) -> float:
+    """A label-free threshold from the scores themselves: ``median - k * 1.4826 * MAD``
+    (median absolute deviation, scaled to a standard deviation for normal data), i.e. a
+    region is occluded when its score is a low outlier among all region scores. NaNs
+    (padding) are ignored. For a re-ID network whose scores do not live where the paper's
+    ``tau = 0.89`` does (a small network's cosines sit near 1)."""
+    s = scores.detach().flatten().double()
+    s = s[~torch.isnan(s)]
+    if s.numel() == 0:
+        raise ValueError("robust_tau: no score")
+    med = s.median()
+    mad = (s - med).abs().median()
+    return float(med - k * 1.4826 * mad)
+
+
+def resolve_tau(
+    scores: torch.Tensor | Sequence[torch.Tensor],
+    tau: float,
+    rule: TauRule = "fixed",
+    k: float = 3.0,
+) -> float:
+    """The threshold to apply: ``tau`` (``rule="fixed"``, the paper's) or
+    :func:`robust_tau` of all ``scores`` (``"robust"``)."""
+    if rule == "fixed":
+        return float(tau)
+    if rule != "robust":
+        raise ValueError(f"tau rule must be 'fixed' or 'robust', got {rule!r}")
+    if not isinstance(scores, torch.Tensor):
+        scores = torch.cat([torch.as_tensor(x).flatten() for x in scores])
+    return robust_tau(scores, k)
 
 
 def adjacent_unoccluded(unoccluded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -521,15 +558,23 @@ def reid_logits(net: ReIDMethod, frames: torch.Tensor, pids: torch.Tensor) -> to
 class Detections:
     """Occlusion detections of a dataset (the ``scores.json`` of ``reidkit vrstc detect``)
     as a frame lookup: ``occluded(path)`` is True when a region of the frame scored below
-    ``tau`` (the file's, or the one given). Frames are matched by their path relative to
-    the dataset folder, so the lookup works wherever the dataset is mounted."""
+    the threshold: ``tau`` with ``rule="fixed"`` (the file's own when ``tau`` is None), or
+    :func:`robust_tau` of all the file's scores with ``rule="robust"``. Frames are matched
+    by their path relative to the dataset folder, so the lookup works wherever the dataset
+    is mounted."""
 
-    def __init__(self, path: str | os.PathLike, tau: float | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tau: float | None = None,
+        rule: TauRule = "fixed",
+        k: float = 3.0,
+    ) -> None:
         self.path = Path(path)
         try:
             data = json.loads(self.path.read_text())
             tracklets = data["tracklets"]
-            self.tau = float(data["tau"] if tau is None else tau)
+            file_tau = float(data["tau"])
         except FileNotFoundError:
             raise FileNotFoundError(f"detections file not found: {self.path}") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -537,7 +582,7 @@ class Detections:
                 f"{self.path}: not a detections file of `reidkit vrstc detect` (expected "
                 f"'tau' and 'tracklets'): {exc}"
             ) from None
-        self.flags: dict[str, bool] = {}
+        rows: dict[str, list[float]] = {}
         for split, items in tracklets.items():
             for i, item in enumerate(items):
                 frames, scores = item.get("frames"), item.get("scores")
@@ -550,8 +595,14 @@ class Detections:
                         f"{self.path}: tracklets.{split}[{i}] needs 'frames' and 'scores' of "
                         "the same length"
                     )
-                for frame, row in zip(frames, scores):
-                    self.flags[frame] = any(s is not None and s < self.tau for s in row)
+                rows.update(zip(frames, scores))
+        values = torch.tensor(
+            [float("nan") if v is None else float(v) for row in rows.values() for v in row]
+        )
+        self.tau = resolve_tau(values, file_tau if tau is None else tau, rule, k)
+        self.flags: dict[str, bool] = {
+            frame: any(v is not None and v < self.tau for v in row) for frame, row in rows.items()
+        }
         self.depths = sorted({f.count("/") + 1 for f in self.flags})
         self.misses = 0
 
@@ -588,6 +639,10 @@ class STCNetOptions(MethodOptions):
     # occlusion regions: detection threshold and the shape of the training masks
     num_regions: int = Field(3, ge=1)
     tau: float = 0.89
+    # "fixed": tau as given (the paper's 0.89); "robust": median - tau_mad * MAD of all
+    # region scores of the dataset (label-free; for networks whose scores sit elsewhere)
+    tau_rule: Literal["fixed", "robust"] = "fixed"
+    tau_mad: float = Field(3.0, gt=0)
     max_masked: int = Field(1, ge=1)  # regions masked per training frame: U{1..max_masked}
     # losses (weights: not published; docs/vrstc.md)
     l1_x1: float = Field(1.0, ge=0)
@@ -728,7 +783,8 @@ class STCNetMethod(ReIDMethod):
     @property
     def detections(self) -> Detections | None:
         if self._detections is None and self.opts.detections:
-            self._detections = Detections(self.opts.detections, self.opts.tau)
+            o = self.opts
+            self._detections = Detections(o.detections, o.tau, o.tau_rule, o.tau_mad)
         return self._detections
 
     def unoccluded(self, batch: Batch) -> torch.Tensor:
