@@ -464,7 +464,10 @@ def plot_tau_curve(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax1.plot(curve["tau"], curve["precision"], label="precision")
     ax1.plot(curve["tau"], curve["recall"], label="recall")
     ax1.plot(curve["tau"], curve["f1"], label="F1", linestyle=":")
-    ax1.axvline(report["tau"], color="grey", linestyle="--", label=f"tau = {report['tau']}")
+    rule = f" ({report['tau_rule']})" if report.get("tau_rule") else ""
+    ax1.axvline(
+        report["tau"], color="grey", linestyle="--", label=f"tau = {report['tau']:.4g}{rule}"
+    )
     ax1.set_xlabel("tau (region score threshold)")
     scores_lo = report.get("score_q001", curve["tau"][0])
     ax1.set_xlim(min(scores_lo, report["tau"] - 0.02), 1.0)
@@ -478,7 +481,7 @@ def plot_tau_curve(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax2.plot(curve["recall"], curve["precision"], marker=".", markersize=3)
     at = report["at_tau"]
     ax2.scatter(
-        [at["recall"]], [at["precision"]], color="red", zorder=3, label=f"tau = {report['tau']}"
+        [at["recall"]], [at["precision"]], color="red", zorder=3, label=f"tau = {report['tau']:.4g}"
     )
     ax2.set_xlabel("recall")
     ax2.set_ylabel("precision")
@@ -923,11 +926,11 @@ def page_tracklets(
     coverage_threshold: float = DEFAULT_COVERAGE,
     device: str | torch.device = "cpu",
 ) -> list[Any]:
-    """The sample tracklets of the visual page (:mod:`reidkit.viz.vrstc`): those of
-    ``splits`` with the most detected occluded frames (ties: the most truly occluded
-    frames, then order), up to ``frames_per_tracklet`` occluded frames each (detected or,
-    with ground truth, truly occluded; evenly spaced), the detected ones completed by
-    STCnet."""
+    """The sample tracklets of the visual page (:mod:`reidkit.viz.vrstc`): of ``splits``,
+    those with the most detected occluded frames; with ground truth, three quarters are
+    the tracklets with the most truly occluded frames and a quarter the most flagged others
+    (where false alarms show). Up to ``frames_per_tracklet`` occluded frames each (detected
+    or truly occluded; evenly spaced), the detected ones completed by STCnet."""
     from reidkit.viz.vrstc import PageFrame, PageTracklet, outline_regions, to_uint8_image
 
     size = (int(stc.cfg.data.height), int(stc.cfg.data.width))
@@ -942,10 +945,19 @@ def page_tracklets(
             n_det = int((s < tau).any(dim=1).sum())
             n_true = int((cov >= coverage_threshold).any(dim=1).sum()) if cov is not None else 0
             if n_det or n_true:
-                candidates.append((-n_det, -n_true, split, i))
-    candidates.sort(key=lambda c: (c[0], c[1], SPLITS.index(c[2]), c[3]))
+                candidates.append((n_det, n_true, split, i))
+    by_truth = sorted(candidates, key=lambda c: (-c[1], -c[0], SPLITS.index(c[2]), c[3]))
+    by_detection = sorted(candidates, key=lambda c: (-c[0], -c[1], SPLITS.index(c[2]), c[3]))
+    if any(c[1] for c in candidates):
+        # ground truth: mostly the truly occluded tracklets, plus the most flagged ones
+        # (where the detector's false alarms show)
+        n_det = num_tracklets // 4
+        chosen = by_truth[: num_tracklets - n_det]
+        chosen += [c for c in by_detection if c not in chosen][:n_det]
+    else:
+        chosen = by_detection[:num_tracklets]
     out = []
-    for _, _, split, i in candidates[:num_tracklets]:
+    for _, _, split, i in chosen:
         rec = getattr(dataset, split)[i]
         s = scores[split][i]
         flags = s < tau

@@ -141,7 +141,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     )
     flagged = sum(int((s < tau).any(dim=1).sum()) for v in scores.values() for s in v)
     frames = sum(s.shape[0] for v in scores.values() for s in v)
-    print(f"scores: {path} ({flagged} of {frames} frames have a region below tau={tau})")
+    print(f"scores: {path} ({flagged} of {frames} frames have a region below tau={tau:.4f})")
     if _has_truth(dataset):
         coverage = {
             split: [truth_coverage(r, regions) for r in getattr(dataset, split)] for split in scores
@@ -154,7 +154,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         print(
             f"against the ground truth (region occluded when the occluder covers >= "
             f"{args.coverage:.0%} of it): precision {at['precision']:.3f}, recall "
-            f"{at['recall']:.3f}, F1 {at['f1']:.3f} at tau={tau} ({at['occluded']} occluded "
+            f"{at['recall']:.3f}, F1 {at['f1']:.3f} at tau={tau:.4f} ({at['occluded']} occluded "
             f"of {report['regions']} regions, {at['flagged']} flagged)"
         )
         print(f"tau curve: {out / 'tau_curve.png'}, {out / 'detection.json'}")
