@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from vrstc_fakes import save_tiny_clip_net
 
-from reidkit.config import ConfigError, load_config
+from reidkit.config import ConfigError, dump_config, load_config
 from reidkit.engine.step import StepContext
 from reidkit.methods import build_method
 from reidkit.methods.vrstc import (
@@ -454,3 +454,82 @@ def test_stcnet_trains_and_resumes_exactly(tiny_video, tmp_path):
     rows = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
     epoch = [r for r in rows if r.get("type") == "epoch"][0]
     assert {"d_global", "d_local", "l1_x1", "l1_x2", "adv_global", "id", "psnr_x2"} <= set(epoch)
+
+
+DDP_WORKER = """
+import os, sys
+import torch
+torch.set_num_threads(1)
+sys.path[:0] = [{tests!r}, {repo!r}]
+import vrstc_fakes  # registers the tiny guider's method
+import reidkit.methods.base as base
+import reidkit.methods.vrstc  # registers stcnet
+import dataclasses
+from reidkit.config import load_config
+from reidkit.engine import train
+
+built = []
+spec = base._METHODS["stcnet"]
+
+class Recorded(spec.cls):
+    def __init__(self, cfg, n):
+        super().__init__(cfg, n)
+        built.append(self)
+
+base._METHODS["stcnet"] = dataclasses.replace(spec, cls=Recorded)
+cfg = load_config({config!r})
+train(cfg, progress=False)
+rank = int(os.environ["RANK"])
+torch.save({{k: v.clone() for k, v in built[0].state_dict().items()}}, {out!r} + f"/rank{{rank}}.pt")
+"""
+
+
+@pytest.mark.timeout(300)
+def test_stcnet_two_process_gloo_training(tiny_video, tmp_path):
+    """DDP: every sub-network through ctx.wrap, one call per backward; both ranks end with
+    the same generators and discriminators (each rank drew its own targets and masks)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    guider = save_tiny_clip_net(tmp_path / "reid" / "best.pt", num_classes=5, height=32, width=16)
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = _stcnet_config(tiny_video, out, guider, **{"solver.max_epochs": 1, "data.batch_size": 4})
+    dump_config(cfg, tmp_path / "cfg.yaml")
+    script = tmp_path / "worker.py"
+    script.write_text(
+        DDP_WORKER.format(
+            tests=str(tests),
+            repo=str(tests.parent),
+            out=str(out),
+            config=str(tmp_path / "cfg.yaml"),
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.Popen([*cmd, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=270)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("2-process STCnet training timed out:\n" + stdout[-2000:] + stderr[-2000:])
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-8000:]
+    a = torch.load(out / "rank0.pt", weights_only=True)
+    b = torch.load(out / "rank1.pt", weights_only=True)
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["global_step"] == 2 and set(ckpt["optimizers"]) == {"g", "d"}
+    torch.manual_seed(0)
+    init = build_method(cfg, 5)
+    for name, _ in init.named_parameters():
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=f"{name} differs")
+        torch.testing.assert_close(a[name], ckpt["model"][name])
+    moved = [n for n, p in init.named_parameters() if not torch.equal(p.detach(), a[n])]
+    assert any(n.startswith("stcnet.spatial") for n in moved)
+    assert any(n.startswith("stcnet.global_disc") for n in moved)
