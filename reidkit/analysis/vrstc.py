@@ -641,16 +641,16 @@ def paste_completion(
     return out.to(torch.uint8)
 
 
-def _save_like(image: torch.Tensor, path: Path) -> None:
+def _save_like(image: torch.Tensor, path: Path, jpeg_quality: int = 95) -> None:
     """Write ``(3, H, W)`` uint8 to ``path`` atomically in the file's own format (JPEG at
-    quality 95, PNG lossless), replacing the directory entry (a hard-linked original is
-    never written through)."""
+    ``jpeg_quality``, PNG lossless), replacing the directory entry (a hard-linked original
+    is never written through)."""
     arr = image.permute(1, 2, 0).contiguous().numpy()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP"}.get(
         path.suffix.lower(), "PNG"
     )
-    kwargs = {"quality": 95} if fmt == "JPEG" else {}
+    kwargs = {"quality": int(jpeg_quality)} if fmt == "JPEG" else {}
     Image.fromarray(arr).save(tmp, format=fmt, **kwargs)
     os.replace(tmp, path)
 
@@ -691,14 +691,16 @@ def complete_dataset(
     num_workers: int = 0,
     progress: bool = False,
     meta: dict[str, Any] | None = None,
+    jpeg_quality: int = 95,
 ) -> dict[str, Any]:
     """Write a completed copy of ``dataset`` under ``out`` (same layout; see
     :func:`output_dataset_dir`) and ``out/vrstc_completion.json``.
 
     Every file of the dataset folder is copied (``link=True``: hard links where possible),
     then each frame with a region scoring below ``tau`` gets its occluded regions replaced
-    by STCnet's ``output`` (``x2``, or ``x1``) and is written again (atomic replace, so a
-    hard link never writes through to the original). The copy is built in a temporary
+    by STCnet's ``output`` (``x2``, or ``x1``) and is written again in its own format (JPEG
+    at ``jpeg_quality``; atomic replace, so a hard link never writes through to the
+    original). The copy is built in a temporary
     folder next to ``out`` and renamed at the end. An existing ``out`` is refused unless
     ``overwrite``; ``out`` may never be, contain or lie inside the dataset folder.
 
@@ -738,7 +740,7 @@ def complete_dataset(
             rec = getattr(dataset, tg.split)[tg.tracklet]
             frame_rel = Path(os.path.relpath(rec.paths[tg.t], src))
             image = paste_completion(orig, x2 if output == "x2" else x1, tg.regions, num_regions)
-            _save_like(image, tmp / rel / frame_rel)
+            _save_like(image, tmp / rel / frame_rel, jpeg_quality)
             replaced[tg.split].append(
                 {
                     "tracklet": tg.tracklet,
@@ -769,6 +771,7 @@ def complete_dataset(
             "tau": float(tau),
             "num_regions": num_regions,
             "output": output,
+            "jpeg_quality": int(jpeg_quality),
             "counts": counts,
             **(meta or {}),
             "replaced": replaced,

@@ -230,6 +230,7 @@ def _cmd_complete(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=cfg.data.num_workers,
         progress=not args.no_progress,
+        jpeg_quality=args.jpeg_quality,
         meta={
             "weights": str(args.weights),
             "reid_weights": reid,
@@ -420,6 +421,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="which completion replaces the regions (default x2)",
     )
     q.add_argument("--batch-size", type=int, default=16, help="frames per STCnet batch")
+    q.add_argument(
+        "--jpeg-quality", type=int, default=95, help="quality of re-written JPEG frames (95)"
+    )
     q.set_defaults(vrstc_func=_cmd_complete)
 
     q = vsub.add_parser(
