@@ -38,6 +38,13 @@ def run(args: argparse.Namespace) -> int:
     weights = _common.resolve_weights_file(args.weights)
     device = resolve_device(args.device or cfg.device, 0)
     dataset = dataset_from_config(cfg.data)
+    from reidkit.engine.video_eval import is_video_dataset
+
+    if is_video_dataset(dataset):
+        raise ValueError(
+            f"reidkit report shows image rankings; '{dataset.name}' is a video (tracklet) "
+            "dataset: use reidkit eval --mode all (and --save-features) for it"
+        )
     model = load_model(cfg, weights, num_classes=args.num_classes, device=device)
     result = evaluate_model(cfg, model, dataset, device, progress=not args.no_progress)
     q, g = result.query, result.gallery
