@@ -84,6 +84,9 @@ class DataConfig(_Section):
     test_seq_len: int | None = Field(None, ge=1)  # clip length of non-chunked test sampling
     video_split: int = Field(0, ge=0)  # split of the 10-split datasets (iLIDS-VID, PRID2011)
     min_seq_len: int = Field(1, ge=1)  # drop tracklets shorter than this
+    # dataset-specific parser options (e.g. {tkp_train: true} for ilidsvid, {dense_train: 32}
+    # for dukemtmc_video); unknown names are refused with the list the dataset accepts
+    dataset_options: dict[str, Any] = Field(default_factory=dict)
 
 
 # -------------------------------------------------------------------------- model
@@ -169,6 +172,12 @@ class TestConfig(_Section):
     rerank_lambda: float = Field(0.3, ge=0, le=1)
     eval_period: int = Field(10, gt=0)
     max_rank: int = Field(50, gt=0)
+    # video (tracklet) datasets, docs/video.md. Modes: v2v, i2v, v2i, i2i; "all" = the four
+    # (the method's own mode first: it gives mAP / best.pt); "auto" = the method's own mode.
+    video_mode: Literal["auto", "v2v", "i2v", "v2i", "i2i", "all"] = "auto"
+    video_pooling: Literal["avg", "max"] = "avg"  # frame features -> tracklet feature
+    image_frame: Literal["first", "middle"] = "first"  # the image of a tracklet (I2V query)
+    query_in_gallery: bool = False  # TKP protocol: gallery = query + gallery tracklets
 
 
 class Config(_Section):

@@ -53,6 +53,13 @@ def write_report(
     # the weights first: a wrong file is reported before the dataset is read
     model = load_model(cfg, weights, num_classes=num_classes, device=dev)
     dataset = dataset_from_config(cfg.data)
+    from reidkit.engine.video_eval import is_video_dataset
+
+    if is_video_dataset(dataset):
+        raise ValueError(
+            f"reidkit report shows image rankings; '{dataset.name}' is a video (tracklet) "
+            "dataset: use reidkit eval --mode all (and --save-features) for it"
+        )
     _common.note_skipped_images(dataset)
     result = evaluate_model(cfg, model, dataset, dev, progress=progress)
     q, g = result.query, result.gallery

@@ -56,6 +56,7 @@ from .transforms import (
 __all__ = [
     "CollateError",
     "batch_keys",
+    "is_tracklet_records",
     "CorruptImageError",
     "ImageDataset",
     "SeededSampler",
@@ -269,11 +270,23 @@ class CollateError(ValueError):
 _OPTIONAL_KEYS = {"keypoints": "keypoints", "erase_box": "erase_boxes"}
 
 
+def is_tracklet_records(records: Sequence[Any]) -> bool:
+    """True when ``records`` are :class:`~reidkit.data.records.TrackletRecord` s (video)."""
+    from .records import TrackletRecord
+
+    return bool(records) and isinstance(records[0], TrackletRecord)
+
+
 def batch_keys(records: Sequence[Any]) -> set[str]:
     """The batch keys a loader over ``records`` provides (what ``ReIDMethod.requires`` is
-    checked against): ``images``, ``pids``, ``camids``, ``index``, ``paths``, plus
-    ``keypoints`` when every record has ``extras["keypoints"]``."""
-    keys = {"images", "pids", "camids", "index", "paths"}
+    checked against): ``images``, ``pids``, ``camids``, ``index``, ``paths`` for images;
+    ``clips``, ``clip_mask``, ``frames``, ``pids``, ``camids``, ``index``, ``paths`` for
+    tracklets (:mod:`reidkit.data.clips`); plus ``keypoints`` when every record has
+    ``extras["keypoints"]`` (every frame of every tracklet)."""
+    if is_tracklet_records(records):
+        keys = {"clips", "clip_mask", "frames", "pids", "camids", "index", "paths"}
+    else:
+        keys = {"images", "pids", "camids", "index", "paths"}
     if records and all(r.extras and r.extras.get("keypoints") is not None for r in records):
         keys.add("keypoints")
     return keys
@@ -477,7 +490,21 @@ def build_train_loader(
     Returns:
         A :class:`ReIDDataLoader`; call ``loader.set_epoch(epoch)`` before each epoch.
         ``len(loader)`` is the number of steps per epoch.
+
+    Tracklets (:class:`~reidkit.data.records.TrackletRecord`) get the clip loader
+    :func:`reidkit.data.clips.build_clip_train_loader` (clip options from ``cfg.data``).
     """
+    if is_tracklet_records(records):
+        from .clips import build_clip_train_loader
+
+        return build_clip_train_loader(
+            cfg,
+            records,
+            rank=rank,
+            world_size=world_size,
+            epoch_seed=epoch_seed,
+            transform=transform,
+        )
     data, cfg_seed = _data_cfg_and_seed(cfg)
     seed = cfg_seed if epoch_seed is None else int(epoch_seed)
     if len(records) == 0:
@@ -527,8 +554,19 @@ def build_test_loader(
     """Ordered DataLoader without augmentation (``data.test_batch_size``, keeps every record).
 
     ``occlusion_p > 0`` adds random erasing seeded by record index (MGRe's occlusion test);
-    ``device_transforms`` as in :func:`build_train_loader`.
+    ``device_transforms`` as in :func:`build_train_loader`. Tracklets get
+    :func:`reidkit.data.clips.build_clip_test_loader` (every frame in
+    ``data.test_chunk_len`` chunks by default).
     """
+    if is_tracklet_records(records):
+        from .clips import build_clip_test_loader
+
+        if occlusion_p > 0:
+            raise ValueError(
+                "occlusion_p (the occlusion test) erases boxes of test images; it is not "
+                "defined for tracklets"
+            )
+        return build_clip_test_loader(cfg, records, transform=transform)
     data, seed = _data_cfg_and_seed(cfg)
     if transform is None:
         transform = build_test_transforms(data, occlusion_p=occlusion_p)

@@ -49,9 +49,13 @@ class EvalResult:
     def table(self, title: str = "") -> str:
         """The metrics as a printable table (``reidkit.metrics.format_metrics_table``)
         with one row labelled ``title`` (default: :meth:`label`, the same for ``reidkit
-        train``, ``eval``, ``report`` and the Python API)."""
+        train``, ``eval``, ``report`` and the Python API); a result without ranking (a
+        method that is not a re-ID model) lists its metrics."""
         from reidkit.metrics.table import format_metrics_table
 
+        if self.raw is None:
+            rows = [f"{k}: {v:.4f}" for k, v in self.metrics.items()]
+            return "\n".join([title or self.label(), *("  " + r for r in rows)])
         return format_metrics_table({title or self.label(): self.raw}, name_header="dataset")
 
 
@@ -225,10 +229,22 @@ def evaluate_model(
     method's ``eval_extras`` are added to ``metrics`` and ``notes`` (for the caller to
     print). Under DDP every rank must call this; rank 0 gets the result, the other ranks
     ``None``. ``rerank`` defaults to ``cfg.test.rerank``; ``occlusion_p`` erases a random
-    box of each test image with that probability (seeded; MGRe's occlusion test)."""
+    box of each test image with that probability (seeded; MGRe's occlusion test).
+
+    A video (tracklet) dataset is evaluated by
+    :func:`reidkit.engine.video_eval.evaluate_video` in the modes of ``test.video_mode``
+    (a :class:`~reidkit.engine.video_eval.VideoEvalResult`)."""
+    from reidkit.engine.video_eval import evaluate_video, is_video_dataset
+
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
+    if not getattr(type(model), "evaluates_reid", True):
+        return _evaluate_extras_only(cfg, model, dataset, device)
+    if is_video_dataset(dataset):
+        if occlusion_p > 0:
+            raise ValueError("the occlusion test (occlusion_p) is defined for image datasets")
+        return evaluate_video(cfg, model, dataset, device, rerank=rerank, progress=progress)
     if not dataset.query or not dataset.gallery:
         raise ValueError(
             f"dataset '{dataset.name}' at {dataset.root}: empty query ({len(dataset.query)}) "
@@ -271,6 +287,22 @@ def evaluate_model(
             result.notes.extend(extras.notes)
     result.dataset = str(getattr(dataset, "name", "") or "")
     return result
+
+
+def _evaluate_extras_only(
+    cfg: Config, model: nn.Module, dataset: ReIDDataset, device: torch.device
+) -> EvalResult | None:
+    """Evaluation of a method that is not a re-ID model (``evaluates_reid = False``): its
+    ``eval_extras`` on rank 0 (e.g. VRSTC's completion quality), no ranking."""
+    if dist_utils.get_rank() != 0:
+        return None
+    extras = model.eval_extras(cfg, dataset, device)
+    if extras is None or not extras.metrics:
+        raise ValueError(
+            f"{type(model).__name__} is not a re-ID model (evaluates_reid=False) and its "
+            "eval_extras returned no metric"
+        )
+    return EvalResult(dict(extras.metrics), torch.zeros(0), notes=list(extras.notes))
 
 
 def result_distances(cfg: Config, model: nn.Module, result: EvalResult) -> torch.Tensor:

@@ -165,6 +165,12 @@ class LoggerHook(HookBase):
     def on_error(self, exc: BaseException) -> None:
         self._close()
 
+    @staticmethod
+    def _unit(t: Any) -> str:
+        from reidkit.engine.video_eval import is_video_dataset
+
+        return "clip" if is_video_dataset(getattr(t, "dataset", None)) else "img"
+
     def after_epoch(self) -> None:
         t = self.trainer
         self._close()
@@ -189,14 +195,14 @@ class LoggerHook(HookBase):
             eta = (time.time() - t.session_start) / done * (t.total_epochs - t.epoch - 1)
             t.logger.print(
                 f"epoch {t.epoch + 1}/{t.total_epochs} lr={t.lr:.2e} {terms} "
-                f"({format_duration(epoch_time)}, {images_per_s:.1f} img/s, "
+                f"({format_duration(epoch_time)}, {images_per_s:.1f} {self._unit(t)}/s, "
                 f"ETA {format_duration(eta)})"
             )
 
 
 class EvalHook(HookBase):
     """Evaluate every ``test.eval_period`` epochs and after the last one; keep the best
-    model (by mAP) in ``checkpoints/best.pt``. Evaluation never touches the RNG streams
+    model (by the method's ``best_metric``, mAP by default) in ``checkpoints/best.pt``. Evaluation never touches the RNG streams
     of training (it runs under ``torch.random.fork_rng``)."""
 
     name = "eval"
@@ -231,7 +237,13 @@ class EvalHook(HookBase):
         if not is_last:  # the final table is printed at the end
             t.logger.print(f"evaluation after epoch {t.epoch + 1}:")
             t.logger.print(result.table())
-        if self.best is None or summary["mAP"] > self.best["mAP"]:
+        key = getattr(type(t.model), "best_metric", "mAP")
+        if key not in summary:
+            raise ValueError(
+                f"{type(t.model).__name__}.best_metric is '{key}' but the evaluation "
+                f"returned {sorted(summary)}"
+            )
+        if self.best is None or summary[key] > self.best[key]:
             self.best = {"epoch": t.epoch + 1, **summary}
             t.save_model_checkpoint(t.ckpt_dir / "best.pt", metrics=summary)
         if is_last:

@@ -186,6 +186,7 @@ class Trainer:
     def build(self) -> None:
         from reidkit.data.datasets import dataset_from_config
         from reidkit.data.loader import batch_keys, build_train_loader
+        from reidkit.engine.video_eval import is_video_dataset
         from reidkit.methods import build_method, check_requirements
 
         cfg, info = self.cfg, self.info
@@ -214,12 +215,10 @@ class Trainer:
 
         spec = method_spec(cfg.model.name)
         check_requirements(cfg.model.name, spec.cls.requires, batch_keys(self.dataset.train))
-        check_requirements(
-            cfg.model.name,
-            spec.cls.eval_requires,
-            batch_keys(self.dataset.query) & batch_keys(self.dataset.gallery),
-            split="query/gallery",
-        )
+        eval_keys = batch_keys(self.dataset.query) & batch_keys(self.dataset.gallery)
+        if is_video_dataset(self.dataset):
+            eval_keys |= {"images"}  # frames are images (I2V, V2I, I2I; image methods)
+        check_requirements(cfg.model.name, spec.cls.eval_requires, eval_keys, split="query/gallery")
         self.num_classes = self.dataset.num_train_pids
         build_cfg = cfg
         if self.resume and cfg.model.pretrained:
@@ -548,9 +547,11 @@ class Trainer:
         if ev.final is not None:
             self.logger.print(f"final evaluation (epoch {self.total_epochs}):")
             self.logger.print(ev.final.table())
-        if ev.best is not None:
-            best = format_percent(ev.best["mAP"])
-            self.logger.print(f"best mAP {best} at epoch {ev.best['epoch']}")
+        key = getattr(type(self.model), "best_metric", "mAP")
+        if ev.best is not None and key in ev.best:
+            value = ev.best[key]
+            shown = format_percent(value) if key == "mAP" else f"{value:.4g}"
+            self.logger.print(f"best {key} {shown} at epoch {ev.best['epoch']}")
         self.logger.print(f"run folder: {self.out_dir}")
 
 

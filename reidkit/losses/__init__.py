@@ -31,6 +31,7 @@ from reidkit.losses.tkp import tkp_distance_loss, tkp_feature_loss
 from reidkit.losses.triplet import (
     TripletLoss,
     WeightedRegularizedTripletLoss,
+    cross_triplet_batch_hard,
     euclidean_dist,
     pair_masks,
     triplet_batch_hard,
@@ -58,6 +59,7 @@ __all__ = [
     "circle_loss",
     "contrastive_loss",
     "cross_entropy_label_smooth",
+    "cross_triplet_batch_hard",
     "euclidean_dist",
     "focal_loss",
     "instance_loss",

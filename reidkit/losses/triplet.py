@@ -19,6 +19,7 @@ __all__ = [
     "euclidean_dist",
     "pair_masks",
     "triplet_batch_hard",
+    "cross_triplet_batch_hard",
     "weighted_regularized_triplet",
     "TripletLoss",
     "WeightedRegularizedTripletLoss",
@@ -109,6 +110,51 @@ def triplet_batch_hard(
     d_an = dist.masked_fill(~is_neg, float("inf")).amin(dim=1)
     per_anchor = F.softplus(d_ap - d_an) if soft else F.relu(d_ap - d_an + margin)
     return masked_mean(per_anchor, valid)
+
+
+@full_precision
+def cross_triplet_batch_hard(
+    anchors: torch.Tensor,
+    anchor_pids: torch.Tensor,
+    targets: torch.Tensor,
+    target_pids: torch.Tensor,
+    margin: float = 0.3,
+) -> torch.Tensor:
+    """Batch-hard triplet loss between two sets of features (heterogeneous: TKP's I2V,
+    V2I, I2I and V2V terms, the authors' ``HeterogeneousTripletLoss``).
+
+    For each anchor ``a`` (a row of ``anchors``), over the rows ``t`` of ``targets``:
+    ``d_ap = max_{t: y_t = y_a} d(a, t)``, ``d_an = min_{t: y_t != y_a} d(a, t)`` (Euclidean),
+    loss ``relu(d_ap - d_an + margin)``, mean over the anchors that have a positive and a
+    negative among the targets. Every same-identity target is a positive: when ``targets``
+    *is* ``anchors`` (I2I, V2V) the anchor itself counts (distance ~0, as in the authors'
+    code), which changes nothing unless the anchor is its identity's only row.
+
+    Args:
+        anchors: ``(M, D)``; anchor_pids: ``(M,)``.
+        targets: ``(N, D)``; target_pids: ``(N,)``.
+        margin: ranking margin.
+
+    Returns:
+        Scalar (0, keeping the graph, when no anchor is valid).
+    """
+    _check(anchors, anchor_pids)
+    _check(targets, target_pids)
+    if anchors.shape[1] != targets.shape[1]:
+        raise ValueError(
+            f"anchors {tuple(anchors.shape)} and targets {tuple(targets.shape)} must have the "
+            "same feature dimension"
+        )
+    dist = euclidean_dist(anchors, targets)
+    same = anchor_pids.unsqueeze(1) == target_pids.unsqueeze(0)
+    has_pos = same.any(dim=1, keepdim=True)
+    has_neg = (~same).any(dim=1, keepdim=True)
+    valid = (has_pos & has_neg).squeeze(1)
+    # rows of invalid anchors get all-True masks: finite values, no NaN in the backward
+    is_pos, is_neg = same | ~has_pos, ~same | ~has_neg
+    d_ap = dist.masked_fill(~is_pos, float("-inf")).amax(dim=1)
+    d_an = dist.masked_fill(~is_neg, float("inf")).amin(dim=1)
+    return masked_mean(F.relu(d_ap - d_an + margin), valid)
 
 
 @full_precision

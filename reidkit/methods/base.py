@@ -16,7 +16,8 @@ Training::
 
 Evaluation::
 
-    method.encode(batch, role)     # {"post_bn": (B, D), ...}: vectors (+ extra tensors)
+    method.encode(batch, role)     # {"post_bn": (B, D), ...}: vectors (+ extra tensors);
+                                   # clip batches: (B, T, D) per frame or (B, D) per clip
     method.pairwise_distance(q, g) # None: cfg.test.metric on the vectors; else (q, G) distances
     method.eval_extras(cfg, dataset, device)   # extra metrics (CAMA's branch overlap)
 
@@ -26,7 +27,10 @@ training data must provide; a dataset without them is refused before training st
 values, checked when a config is loaded), ``keep_for_eval`` (extra ``encode`` outputs
 stored with the features, e.g. feature maps for pairwise scoring) and ``exportable``
 (``False`` when the score is not a distance between vectors: ONNX export and the FAISS
-gallery index then refuse the method).
+gallery index then refuse the method), ``evaluates_reid`` (``False`` for a network that
+is not a re-ID model, e.g. VRSTC's completion network: evaluation reports only
+``eval_extras``) and ``best_metric`` (the metric, higher is better, that picks
+``best.pt``; ``mAP`` by default).
 
 Registration: ``@register_method(name, options=Options, section="name", presets=...)``
 on the class. ``Options`` is the method's own typed config section (``model.<section>``,
@@ -258,6 +262,14 @@ class ReIDMethod(nn.Module):
     keep_for_eval: ClassVar[tuple[str, ...]] = ()
     #: False when the query-gallery score is not a distance between vectors
     exportable: ClassVar[bool] = True
+    #: False for a network that is not a re-ID model (VRSTC's completion network): the
+    #: evaluator then reports only :meth:`eval_extras` (no query/gallery ranking)
+    evaluates_reid: ClassVar[bool] = True
+    #: the evaluation metric (higher is better) that picks ``best.pt``
+    best_metric: ClassVar[str] = "mAP"
+    #: the method's own mode on video datasets (``test.video_mode=auto``): ``v2v``,
+    #: ``i2v``, ``v2i`` or ``i2i`` (reidkit.engine.video_eval)
+    video_mode: ClassVar[str] = "v2v"
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
@@ -332,7 +344,15 @@ class ReIDMethod(nn.Module):
         """Test-time outputs for a batch: every name of ``feature_names`` as a ``(B, D)``
         vector (not normalised; the extractor flips / normalises) plus, optionally, the
         extra tensors named in ``keep_for_eval``. ``role`` lets query and gallery be
-        encoded differently (image query vs video gallery)."""
+        encoded differently (image query vs video gallery).
+
+        Video methods (``"clips"`` in ``requires`` / ``eval_requires``) also receive clip
+        batches (``clips`` (B, T, 3, H, W), ``clip_mask`` (B, T); test chunks of a
+        tracklet) and return per-frame features ``(B, T, D)`` (the evaluator averages the
+        real frames of all chunks of a tracklet: temporal average pooling) or per-clip
+        ``(B, D)`` features; on video datasets they must also encode image batches (one
+        frame of a tracklet: the I2V / V2I / I2I modes). See
+        :mod:`reidkit.engine.video_eval`."""
         raise NotImplementedError
 
     def pairwise_distance(self, query: FeatureSet, gallery: FeatureSet) -> torch.Tensor | None:

@@ -42,6 +42,7 @@ __all__ = [
     "convert_cuhk03_mat",
     "dataset_from_config",
     "format_stats",
+    "is_video_config",
     "register_dataset",
     "split_stats",
 ]
@@ -149,14 +150,37 @@ def build_dataset(name: str, root: str | os.PathLike, **options: Any) -> ReIDDat
     return fn(root, LoadOptions(**common), **specific)
 
 
-def dataset_from_config(data_cfg: Any, **overrides: Any) -> ReIDDataset:
-    """Build the dataset described by a ``DataConfig`` (``cfg.data``).
+def is_video_config(data_cfg: Any) -> bool:
+    """True when ``data_cfg.dataset`` names a video (tracklet) dataset."""
+    from reidkit.data.datasets.video import is_video_dataset
 
-    Maps ``cuhk03_variant`` -> ``variant``, ``cuhk03_classic_split`` -> ``classic_split``,
-    ``custom_manifest`` -> ``manifest``, ``synth_preset`` -> ``preset``, ``skip_corrupt``
-    and ``keypoints``; only the options the chosen dataset accepts are passed. Extra
-    keyword ``overrides`` (e.g. ``verify_images=True``) are passed through.
+    return is_video_dataset(str(data_cfg.dataset))
+
+
+def dataset_from_config(data_cfg: Any, **overrides: Any) -> Any:
+    """Build the dataset described by a ``DataConfig`` (``cfg.data``): a
+    :class:`~reidkit.data.records.ReIDDataset` of images, or, when ``data.dataset`` names a
+    video dataset (``mars``, ``ilidsvid``, ``prid2011``, ``dukemtmc_video``,
+    ``synth_video``), a :class:`~reidkit.data.records.VideoReIDDataset` of tracklets
+    (:func:`reidkit.data.datasets.video.video_dataset_from_config`).
+
+    Image datasets: maps ``cuhk03_variant`` -> ``variant``, ``cuhk03_classic_split`` ->
+    ``classic_split``, ``custom_manifest`` -> ``manifest``, ``synth_preset`` -> ``preset``,
+    ``skip_corrupt`` and ``keypoints``; only the options the chosen dataset accepts are
+    passed. Both kinds: ``data.dataset_options`` (dataset-specific options, checked by the
+    parser) and the keyword ``overrides`` (e.g. ``verify_images=True``) are passed through.
     """
+    options_from_cfg = dict(getattr(data_cfg, "dataset_options", None) or {})
+    if is_video_config(data_cfg):
+        from reidkit.data.datasets.video import video_dataset_from_config
+
+        if getattr(data_cfg, "keypoints", None):
+            raise DatasetError(
+                f"data.keypoints={data_cfg.keypoints!r}: keypoint files are read for image "
+                f"datasets; the video dataset {data_cfg.dataset!r} reads its own per-frame "
+                "keypoints (<dataset>/keypoints/bbox_{train,test}.json, docs/video.md)"
+            )
+        return video_dataset_from_config(data_cfg, **overrides)
     key, fn = _resolve(data_cfg.dataset)
     candidates = {
         "variant": getattr(data_cfg, "cuhk03_variant", None),
@@ -169,6 +193,7 @@ def dataset_from_config(data_cfg: Any, **overrides: Any) -> ReIDDataset:
     options["skip_corrupt"] = bool(getattr(data_cfg, "skip_corrupt", False))
     if getattr(data_cfg, "keypoints", None):
         options["keypoints"] = data_cfg.keypoints
+    options.update(options_from_cfg)
     options.update(overrides)
     return build_dataset(key, data_cfg.root, **options)
 

@@ -160,8 +160,9 @@ def video_dataset_from_config(data_cfg: Any, **overrides: Any) -> ParsedVideoDat
 
     Reads ``dataset``, ``root``, ``skip_corrupt`` and, when the config has them,
     ``video_split`` -> ``split``, ``min_seq_len`` and ``synth_preset`` -> ``preset``
-    (an image preset name such as ``small`` maps to ``small-video``). ``overrides`` are
-    passed through.
+    (an image preset name such as ``small`` maps to ``small-video``), then
+    ``dataset_options`` (dataset-specific options such as ``tkp_train``); ``overrides``
+    win over all of them.
     """
     key, fn = _resolve(data_cfg.dataset)
     allowed = set(_specific_options(fn))
@@ -175,5 +176,6 @@ def video_dataset_from_config(data_cfg: Any, **overrides: Any) -> ParsedVideoDat
     }
     options = {k: v for k, v in candidates.items() if k in allowed and v is not None}
     options["skip_corrupt"] = bool(getattr(data_cfg, "skip_corrupt", False))
+    options.update(getattr(data_cfg, "dataset_options", None) or {})
     options.update(overrides)
     return build_video_dataset(key, data_cfg.root, **options)

@@ -23,6 +23,8 @@ __all__ = [
     "order_frames",
     "list_frames",
     "finalize_video_dataset",
+    "sliding_windows",
+    "window_tracklets",
     "video_split_stats",
     "format_video_stats",
 ]
@@ -257,6 +259,31 @@ def finalize_video_dataset(
         split_id=split_id,
         num_splits=num_splits,
     )
+
+
+def sliding_windows(num_frames: int, length: int, step: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` windows cutting one tracklet into several training tracklets, the
+    TKP authors' dense sampling: ``k = num_frames // step`` windows starting at
+    ``0, step, ..., (k - 1) * step``, each ``length`` frames long except the last, which runs
+    to the end of the tracklet; a tracklet shorter than ``step`` stays whole.
+
+    (iLIDS-VID camera 2: ``length=8, step=4``; DukeMTMC-VideoReID: ``length=step=32``.)
+    """
+    if length < 1 or step < 1:
+        raise ValueError(f"sliding_windows: length and step must be >= 1, got {length}, {step}")
+    if num_frames < 1:
+        raise ValueError("sliding_windows: a tracklet needs at least one frame")
+    k = num_frames // step
+    if k == 0:
+        return [(0, num_frames)]
+    out = [(i * step, min(i * step + length, num_frames)) for i in range(k - 1)]
+    out.append(((k - 1) * step, num_frames))
+    return out
+
+
+def window_tracklets(record: TrackletRecord, length: int, step: int) -> list[TrackletRecord]:
+    """``record`` cut into the :func:`sliding_windows` (per-frame extras follow)."""
+    return [record.select(range(a, b)) for a, b in sliding_windows(len(record), length, step)]
 
 
 def frame_numbers_array(numbers: Sequence[int]) -> np.ndarray:

@@ -21,6 +21,7 @@ from reidkit.data.datasets.video.base import (
     ParsedVideoDataset,
     finalize_video_dataset,
     folder_tracklet,
+    window_tracklets,
 )
 from reidkit.data.records import TrackletRecord
 
@@ -33,9 +34,16 @@ _LAYOUT = "<dir>/{train,query,gallery}/<pid>/<tracklet>/0001_C6_F0001_X30823.jpg
 
 
 def load_dukemtmc_video(
-    root: str | os.PathLike, opts: LoadOptions, min_seq_len: int = 0
+    root: str | os.PathLike, opts: LoadOptions, min_seq_len: int = 0, dense_train: int = 0
 ) -> ParsedVideoDataset:
-    """DukeMTMC-VideoReID (8 cameras)."""
+    """DukeMTMC-VideoReID (8 cameras).
+
+    ``dense_train=L`` (> 0): cut every training tracklet into consecutive ``L``-frame
+    tracklets, the last one running to the end (the TKP authors' ``train_dense`` with
+    ``L = 32``; :func:`~reidkit.data.datasets.video.base.sliding_windows`).
+    """
+    if dense_train < 0:
+        raise DatasetError(f"dukemtmc_video: dense_train must be >= 0, got {dense_train}")
     name = "dukemtmc_video"
     ddir = find_dataset_dir(
         root,
@@ -85,6 +93,14 @@ def load_dukemtmc_video(
                     raise DatasetError(f"{name}: tracklet {path}: camera C{cam} not in 1..8")
                 records.append(TrackletRecord(rec.paths, pid, cam - 1, rec.extras))
         splits[split] = records
+    notes = []
+    if dense_train:
+        dense = [w for r in splits["train"] for w in window_tracklets(r, dense_train, dense_train)]
+        notes.append(
+            f"dense_train={dense_train}: {len(dense)} training tracklets from "
+            f"{len(splits['train'])}"
+        )
+        splits["train"] = dense
     return finalize_video_dataset(
-        name, root, ddir, splits, opts, sources, empty=empty, min_seq_len=min_seq_len
+        name, root, ddir, splits, opts, sources, notes=notes, empty=empty, min_seq_len=min_seq_len
     )

@@ -24,6 +24,7 @@ from reidkit.data.datasets.video.base import (
     check_split_id,
     finalize_video_dataset,
     folder_tracklet,
+    window_tracklets,
 )
 from reidkit.data.datasets.video.mars import _read_mat
 from reidkit.data.records import TrackletRecord
@@ -38,11 +39,26 @@ _EXPECTED = "'cam<c>_person<NNN>_<frame number>.png, e.g. cam1_person001_00317.p
 _LAYOUT = f"<dir>/{_SEQ}/cam{{1,2}}/personNNN/cam1_personNNN_NNNNN.png and <dir>/{ILIDS_SPLIT_FILE}"
 
 
+#: the TKP authors' image-to-video training split: camera-2 windows of 8 frames, step 4
+TKP_WINDOW, TKP_STEP = 8, 4
+
+
 def load_ilidsvid(
-    root: str | os.PathLike, opts: LoadOptions, split: int = 0, min_seq_len: int = 0
+    root: str | os.PathLike,
+    opts: LoadOptions,
+    split: int = 0,
+    min_seq_len: int = 0,
+    tkp_train: bool = False,
 ) -> ParsedVideoDataset:
     """iLIDS-VID, split ``split`` of 10 (150 train / 150 test people; 300 train
-    tracklets, 150 query (camera 1) and 150 gallery (camera 2) tracklets)."""
+    tracklets, 150 query (camera 1) and 150 gallery (camera 2) tracklets).
+
+    ``tkp_train``: the TKP authors' image-to-video training split: each camera-1 sequence
+    gives a one-image training tracklet (its first frame), each camera-2 sequence
+    overlapping 8-frame windows with step 4 (the last window runs to the end; see
+    :func:`~reidkit.data.datasets.video.base.sliding_windows`). Query and gallery are
+    unchanged (the image query of I2V is the first frame of the camera-1 sequence).
+    """
     name = "ilidsvid"
     ddir = find_dataset_dir(
         root,
@@ -104,8 +120,23 @@ def load_ilidsvid(
                     out.append(rec)
         return out
 
+    train_records = tracklets(train, (0, 1), "train")
+    notes = []
+    if tkp_train:
+        cut: list[TrackletRecord] = []
+        for r in train_records:
+            if r.camid == 0:
+                cut.append(r.select([0]))
+            else:
+                cut.extend(window_tracklets(r, TKP_WINDOW, TKP_STEP))
+        notes.append(
+            f"tkp_train: {len(cut)} training tracklets (camera 1: first frame only; camera 2: "
+            f"{TKP_WINDOW}-frame windows with step {TKP_STEP}), from {len(train_records)} "
+            "sequences"
+        )
+        train_records = cut
     splits = {
-        "train": tracklets(train, (0, 1), "train"),
+        "train": train_records,
         "query": tracklets(test, (0,), "query"),
         "gallery": tracklets(test, (1,), "gallery"),
     }
@@ -117,6 +148,7 @@ def load_ilidsvid(
         splits,
         opts,
         sources,
+        notes=notes,
         empty=empty,
         min_seq_len=min_seq_len,
         split_id=split_id,
