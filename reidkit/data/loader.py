@@ -249,7 +249,9 @@ def batch_keys(records: Sequence[Any]) -> set[str]:
     checked against): ``images``, ``pids``, ``camids``, ``index``, ``paths``, plus
     ``keypoints`` when every record has ``extras["keypoints"]``."""
     keys = {"images", "pids", "camids", "index", "paths"}
-    if records and all(r.extras and r.extras.get("keypoints") is not None for r in records):
+    if records and all(
+        getattr(r, "extras", None) and r.extras.get("keypoints") is not None for r in records
+    ):
         keys.add("keypoints")
     return keys
 

@@ -126,8 +126,10 @@ class Trainer:
         overwrite: bool = False,
         stop_after_epochs: int | None = None,
         progress: bool = True,
+        dataset: Any = None,
     ) -> None:
         self.cfg = cfg
+        self.given_dataset = dataset  # a ReIDDataset to use instead of cfg.data (tune)
         self.resume = resume
         self.overwrite = overwrite
         self.stop_after_epochs = stop_after_epochs
@@ -173,7 +175,10 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         seed_everything(cfg.seed)  # identical initialisation on every rank
-        self.dataset = dataset_from_config(cfg.data)
+        if self.given_dataset is not None:
+            self.dataset = self.given_dataset
+        else:
+            self.dataset = dataset_from_config(cfg.data)
         if not self.dataset.train:
             raise ValueError(
                 f"dataset '{self.dataset.name}' at {self.dataset.root}: the train split is empty"
@@ -181,10 +186,11 @@ class Trainer:
         from reidkit.methods.base import method_spec
 
         spec = method_spec(cfg.model.name)
-        check_requirements(cfg.model.name, spec.cls.requires, batch_keys(self.dataset.train))
+        train_keys, eval_keys = spec.cls.batch_requirements(cfg)
+        check_requirements(cfg.model.name, train_keys, batch_keys(self.dataset.train))
         check_requirements(
             cfg.model.name,
-            spec.cls.eval_requires,
+            eval_keys,
             batch_keys(self.dataset.query) & batch_keys(self.dataset.gallery),
             split="query/gallery",
         )
@@ -448,6 +454,7 @@ def train(
     overwrite: bool = False,
     stop_after_epochs: int | None = None,
     progress: bool = True,
+    dataset: Any = None,
 ) -> Path:
     """Train ``cfg`` and return the run folder (``cfg.output_dir``).
 
@@ -459,11 +466,13 @@ def train(
     delete a previous run's logs/checkpoints in the folder (otherwise an existing run is
     an error). ``stop_after_epochs``: stop (as if interrupted, without final evaluation)
     after this many epochs of this call, e.g. for time-limited cluster jobs; continue
-    later with ``resume=True``. ``progress``: tqdm progress bars on rank 0.
+    later with ``resume=True``. ``progress``: tqdm progress bars on rank 0. ``dataset``:
+    a :class:`~reidkit.data.records.ReIDDataset` to train and evaluate on instead of the
+    one ``cfg.data`` names (``reidkit tune`` passes a validation split).
 
     Launched by ``torchrun`` (``WORLD_SIZE > 1``) it trains with DDP: NCCL on CUDA, gloo
     on CPU, one PK-sampler shard per rank, rank 0 logs, evaluates and writes.
     Raises :class:`NonFiniteLossError` if the loss becomes NaN/inf (earlier checkpoints
     are kept untouched).
     """
-    return Trainer(cfg, resume, overwrite, stop_after_epochs, progress).run()
+    return Trainer(cfg, resume, overwrite, stop_after_epochs, progress, dataset=dataset).run()

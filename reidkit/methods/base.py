@@ -22,7 +22,8 @@ Evaluation::
 
 Class attributes declare what the method needs and offers: ``requires`` (batch keys the
 training data must provide; a dataset without them is refused before training starts),
-``eval_requires`` (the same for evaluation), ``feature_names`` (allowed ``test.feature``
+``eval_requires`` (the same for evaluation; ``batch_requirements(cfg)`` when they depend on
+the method's options), ``feature_names`` (allowed ``test.feature``
 values, checked when a config is loaded), ``keep_for_eval`` (extra ``encode`` outputs
 stored with the features, e.g. feature maps for pairwise scoring) and ``exportable``
 (``False`` when the score is not a distance between vectors: ONNX export and the FAISS
@@ -258,6 +259,17 @@ class ReIDMethod(nn.Module):
     keep_for_eval: ClassVar[tuple[str, ...]] = ()
     #: False when the query-gallery score is not a distance between vectors
     exportable: ClassVar[bool] = True
+
+    @classmethod
+    def batch_requirements(cls, cfg: Config) -> tuple[frozenset[str], frozenset[str]]:
+        """``(train keys, query/gallery keys)`` the method needs under ``cfg``.
+
+        Default: the class attributes ``requires`` and ``eval_requires``. Methods whose
+        needs depend on their options override it (MGRe needs keypoints for training only
+        while its location loss is on, and at test time only when it places its regions
+        from keypoints). The trainer and :func:`reidkit.engine.evaluate_model` check it.
+        """
+        return frozenset(cls.requires), frozenset(cls.eval_requires)
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
