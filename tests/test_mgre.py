@@ -483,3 +483,18 @@ def test_location_modules_get_their_own_learning_rate(factor):
     assert lrs["weight"] == pytest.approx(2e-3)
     if factor != 1.0:
         assert lrs["locator_weight"] == pytest.approx(2e-3 * factor)
+
+
+def test_locator_pooling_equals_the_adaptive_pooling_and_exports(tmp_path):
+    from reidkit.methods.mgre import RegionLocator
+
+    loc = RegionLocator.for_stage(1, 8).eval()
+    for hw in ((32, 16), (16, 8), (12, 6), (4, 2)):  # divisible, and smaller than the grid
+        x = torch.randn(2, 64, *hw)
+        torch.testing.assert_close(loc._max_pool(x), loc.pool(x))
+    from reidkit.export import export_onnx
+
+    pytest.importorskip("onnxruntime")
+    model = make_model().eval()
+    result = export_onnx(model, tmp_path / "mgre.onnx", (128, 64), dynamic_batch=False)
+    assert result.dim == 4 * 8 and result.rel_diff < 1e-4

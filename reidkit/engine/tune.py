@@ -362,13 +362,12 @@ def plot_sweep(result: SweepResult, path: str | Path, title: str = "") -> Path:
         if others:
             ax.legend(fontsize=8)
     split = result.split
-    fig.suptitle(
-        title
-        or f"validation split: {split.get('val_ids')} held-out ids "
+    info = (
+        f"validation split: {split.get('val_ids')} held-out ids "
         f"({split.get('query_images')} query / {split.get('gallery_images')} gallery)"
-        + (" · one training, evaluation sweep" if result.eval_only else ""),
-        fontsize=10,
+        + (" · one training, evaluation sweep" if result.eval_only else "")
     )
+    fig.suptitle(f"{title}\n{info}" if title else info, fontsize=10)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

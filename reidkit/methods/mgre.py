@@ -485,9 +485,18 @@ class RegionLocator(nn.Module):
         with torch.no_grad():
             self.fc.bias.copy_(bias.reshape(-1))
 
+    def _max_pool(self, x: Tensor) -> Tensor:
+        # a plain max pooling when the grid divides the map (the same bins as the adaptive
+        # pooling; ONNX-exportable), the adaptive pooling otherwise
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        ph, pw = self.pool.output_size
+        if h % ph == 0 and w % pw == 0:
+            return F.max_pool2d(x, (h // ph, w // pw))
+        return self.pool(x)
+
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, R, 4) raw parameters (Eq. 1)."""
-        x = self.pool(self.bn(self.relu(self.conv(x))))
+        x = self._max_pool(self.bn(self.relu(self.conv(x))))
         return self.fc(x.flatten(1)).view(-1, self.num_regions, 4)
 
     def boxes(self, x: Tensor) -> Tensor:
