@@ -104,11 +104,37 @@ def test_market_keypoints_attached(tmp_path):
     (base / "keypoints" / "bounding_box_train.json").write_text(
         json.dumps({"0002_c1s1_000451_03.jpg": kp})
     )
-    ds = build_dataset("market", tmp_path)
+    with pytest.warns(
+        UserWarning, match=r"no record for 8 image\(s\) \(train 3, query 2, gallery 3"
+    ):
+        ds = build_dataset("market", tmp_path)
     extras = {os.path.basename(r.path): r.extras for r in ds.train}
     assert extras["0002_c1s1_000451_03.jpg"]["keypoints"] == kp
-    assert "keypoints" not in extras["0007_c3s3_070952_01.jpg"]
-    assert all("keypoints" not in r.extras for r in ds.query)  # no query keypoint file
+    # a keypoint folder is a source for the whole dataset: every record gets keypoints,
+    # all-invisible where an image has no entry (no query file at all here)
+    invisible = [[0.0, 0.0, 0.0]] * 17
+    assert extras["0007_c3s3_070952_01.jpg"]["keypoints"] == invisible
+    assert all(r.extras["keypoints"] == invisible for r in (*ds.query, *ds.gallery))
+    assert any("all-invisible" in n for n in ds.notes)
+
+    # so the loaders never meet a batch that mixes images with and without keypoints
+    from reidkit.data.loader import ImageDataset, batch_keys, collate_reid
+
+    assert "keypoints" in batch_keys(ds.train) and "keypoints" in batch_keys(ds.query)
+    from reidkit.data.transforms import ToTensor
+
+    items = [ImageDataset(ds.train, ToTensor())[i] for i in range(len(ds.train))]
+    batch = collate_reid(items)
+    assert batch["keypoints"].shape == (len(ds.train), 17, 3)
+    assert int((batch["keypoints"][..., 2] > 0).sum()) == 17  # the one image with an entry
+
+    # without a keypoint folder nothing is attached
+    (base / "keypoints" / "bounding_box_train.json").unlink()
+    plain = build_dataset("market", tmp_path)
+    assert all("keypoints" not in r.extras for r in (*plain.train, *plain.query))
+    (base / "keypoints" / "bounding_box_train.json").write_text(
+        json.dumps({"0002_c1s1_000451_03.jpg": kp})
+    )
 
     (base / "keypoints" / "query.json").write_text(json.dumps({"0001_c1s1_001051_00.jpg": kp[:16]}))
     with pytest.raises(DatasetError, match=r"query\.json.*0001_c1s1_001051_00\.jpg.*17 rows"):

@@ -354,3 +354,17 @@ def test_region_locator_learns_where_the_person_is():
     assert final < 0.5 * constant.item(), (final, constant.item())
     with pytest.raises(ValueError, match="positive"):
         RegionLocator(4, torch.zeros(1, 2), torch.zeros(1, 2))
+
+
+def test_location_loss_scale_measures_in_map_pixels():
+    boxes = torch.tensor([[[0.1, 0.2, 0.6, 0.9]]])
+    kp = torch.zeros(1, 17, 3)
+    kp[0, 0] = torch.tensor([0.2, 0.3, 2.0])
+    kp[0, 1] = torch.tensor([0.5, 0.7, 2.0])
+    # target box with margin 0.05: [0.15, 0.25, 0.55, 0.75]
+    dx0, dy0, dx1, dy1 = 0.1 - 0.15, 0.2 - 0.25, 0.6 - 0.55, 0.9 - 0.75
+    plain = location_loss(boxes, kp, [[0, 1]])
+    assert float(plain) == pytest.approx(dx0**2 + dy0**2 + dx1**2 + dy1**2)
+    scaled = location_loss(boxes, kp, [[0, 1]], scale=(32, 64))
+    expected = 32**2 * (dx0**2 + dx1**2) + 64**2 * (dy0**2 + dy1**2)
+    assert float(scaled) == pytest.approx(expected, rel=1e-5)

@@ -7,6 +7,12 @@ saliency grid, index.html) for a CGE run folder.
 ``reidkit analyze tkp --run RUN --baseline-run RUN --out DIR`` writes TKP's (image and
 video features in one 2-D projection, the modality gap, the image network's class
 activation maps; index.html) for a TKP run and one trained without the TKP terms.
+
+``reidkit analyze mgre -c CONFIG [--weights W] [--baseline-config C --baseline-weights W]
+--out DIR`` writes the MGRe paper's analyses: region IoU with the keypoint boxes per stage
+and region on the test split (``region_iou.json``), predicted regions beside the keypoint
+boxes (``regions.png``), per-stage class activation maps against a baseline's (Fig. 4,
+``cams.png``) and ``index.html``. Without ``--weights`` the initialised model is analysed.
 """
 
 from __future__ import annotations
@@ -81,12 +87,41 @@ def _run_tkp(args: argparse.Namespace) -> int:
             f"| {name} | {g['same_id']:.3f} | {g['other_id']:.3f} | {g['ratio']:.3f} | "
             f"{g['paired']:.3f} | {fg} |"
         )
+
+
+def _run_mgre(args: argparse.Namespace) -> int:
+    from reidkit.analysis.mgre import analyze_mgre
+    from reidkit.config import load_config
+    from reidkit.engine.distributed import resolve_device
+
+    cfg = load_config(args.config, args.overrides)
+    device = resolve_device(args.device or cfg.device)
+    baseline = None
+    if args.baseline_config:
+        baseline = load_config(args.baseline_config, [f"data.root={cfg.data.root}"])
+    summary = analyze_mgre(
+        cfg,
+        args.out,
+        weights=args.weights,
+        baseline_cfg=baseline,
+        baseline_weights=args.baseline_weights,
+        num_images=args.images,
+        max_batches=args.max_batches,
+        device=device,
+        seed=args.seed,
+    )
+    print(f"MGRe analysis of {summary['weights']} on {summary['dataset']}")
+    if "region_iou" in summary:
+        print(f"region IoU with the keypoint boxes ({summary['region_iou_split']}):")
+        print("| stage | IoU |\n|---|---:|")
+        for stage, value in summary["region_iou"].items():
+            print(f"| {stage} | {value:.3f} |")
     print(f"wrote {args.out}/index.html")
     return 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("analyze", help="analyses of trained runs (cge, tkp)")
+    parser = sub.add_parser("analyze", help="analyses of trained runs (cge, mgre, tkp)")
     tools = parser.add_subparsers(dest="tool", metavar="TOOL", required=True)
     cge = tools.add_parser("cge", help="CGE: hardness levels, stripe precision, loss CDF, saliency")
     cge.add_argument("--run", required=True, help="CGE run folder (config.yaml + checkpoints/)")
@@ -128,3 +163,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tkp.add_argument("--no-progress", action="store_true", help="no progress bars")
     tkp.add_argument("--debug", action="store_true", help="show tracebacks")
     tkp.set_defaults(func=_run_tkp)
+
+    mgre = tools.add_parser(
+        "mgre", help="MGRe: region IoU, predicted vs keypoint regions, per-stage CAMs (Fig. 4)"
+    )
+    mgre.add_argument("-c", "--config", required=True, help="MGRe config (dataset with keypoints)")
+    mgre.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    mgre.add_argument("--weights", default=None, help="checkpoint; default: the initialisation")
+    mgre.add_argument("--baseline-config", default=None, help="baseline config (e.g. BoT)")
+    mgre.add_argument("--baseline-weights", default=None, help="baseline checkpoint")
+    mgre.add_argument("--out", required=True, help="output folder")
+    mgre.add_argument("--images", type=int, default=6, help="training images in the grids")
+    mgre.add_argument("--max-batches", type=int, default=None, help="IoU on the first N batches")
+    mgre.add_argument("--seed", type=int, default=0, help="seed of the image choice")
+    mgre.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: config)")
+    mgre.add_argument("--debug", action="store_true", help="show tracebacks")
+    mgre.set_defaults(func=_run_mgre)

@@ -7,6 +7,9 @@ summary metrics, the CMC curve, and for each chosen query (about half of them ra
 misses, ``--failure-fraction``) its top-k gallery images with green/red borders for
 true/false matches and ranking activation map overlays (CAMA Eq. 10): the aggregate map
 and, for multi-branch models such as CAMA, one map per branch, switchable in the page.
+For methods that locate body regions (MGRe) the page also shows the predicted regions (all
+seven boxes, coloured by stage) and, when the dataset has keypoints, the keypoint boxes
+they are trained towards, with the mean IoU per stage over the shown images.
 The file embeds every image (base64) and needs no network.
 """
 
@@ -79,6 +82,17 @@ def write_report(
 
         return load([dataset.query[i] for i in q_idx]), load([dataset.gallery[i] for i in g_idx])
 
+    def load_keypoints(q_idx: list[int], g_idx: list[int]):
+        """Pixel keypoints of the images as the test loader transforms them (or None)."""
+
+        def load(records):
+            batches = list(build_test_loader(row_cfg, records))
+            if not all("keypoints" in b for b in batches):
+                return None
+            return torch.cat([b["keypoints"] for b in batches])
+
+        return load([dataset.query[i] for i in q_idx]), load([dataset.gallery[i] for i in g_idx])
+
     subtitle = (
         f"weights {weights} · {len(dataset.query)} queries, {len(dataset.gallery)} gallery images"
     )
@@ -107,6 +121,7 @@ def write_report(
         seed=seed,
         title=f"{cfg.model.name} on {dataset.name}: ranking report",
         subtitle=subtitle,
+        load_keypoints=load_keypoints,
     )
     return out
 

@@ -326,6 +326,12 @@ def read_keypoint_file(
             message names the file and the record.
     """
     path = Path(path)
+    if not path.is_file():
+        raise KeypointFileError(
+            f"keypoint file not found: {path}; create it with `reidkit keypoints --onnx MODEL "
+            "--dataset NAME --out FILE` or point data.keypoints at your pose model's COCO "
+            "keypoint results (docs/keypoints.md)"
+        )
     data = _load_json(path, "keypoint file")
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         if images is not None:

@@ -287,7 +287,9 @@ def batch_keys(records: Sequence[Any]) -> set[str]:
         keys = {"clips", "clip_mask", "frames", "pids", "camids", "index", "paths"}
     else:
         keys = {"images", "pids", "camids", "index", "paths"}
-    if records and all(r.extras and r.extras.get("keypoints") is not None for r in records):
+    if records and all(
+        getattr(r, "extras", None) and r.extras.get("keypoints") is not None for r in records
+    ):
         keys.add("keypoints")
     return keys
 

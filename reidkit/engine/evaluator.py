@@ -229,7 +229,9 @@ def evaluate_model(
     method's ``eval_extras`` are added to ``metrics`` and ``notes`` (for the caller to
     print). Under DDP every rank must call this; rank 0 gets the result, the other ranks
     ``None``. ``rerank`` defaults to ``cfg.test.rerank``; ``occlusion_p`` erases a random
-    box of each test image with that probability (seeded; MGRe's occlusion test).
+    box of each test image with that probability (seeded; MGRe's occlusion test). A
+    dataset without the batch keys the method needs at test time (``batch_requirements``)
+    is refused before extraction, with the message that says how to provide them.
 
     A video (tracklet) dataset is evaluated by
     :func:`reidkit.engine.video_eval.evaluate_video` in the modes of ``test.video_mode``
@@ -249,6 +251,17 @@ def evaluate_model(
         raise ValueError(
             f"dataset '{dataset.name}' at {dataset.root}: empty query ({len(dataset.query)}) "
             f"or gallery ({len(dataset.gallery)}) split"
+        )
+    requirements = getattr(type(model), "batch_requirements", None)
+    if requirements is not None:
+        from reidkit.data.loader import batch_keys
+        from reidkit.methods.base import check_requirements
+
+        check_requirements(
+            cfg.model.name,
+            requirements(cfg)[1],
+            batch_keys(dataset.query) & batch_keys(dataset.gallery),
+            split="query/gallery",
         )
     query = extract_records(cfg, model, dataset.query, device, progress, "query", occlusion_p)
     gallery = extract_records(cfg, model, dataset.gallery, device, progress, "gallery", occlusion_p)

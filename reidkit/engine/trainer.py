@@ -137,8 +137,10 @@ class Trainer:
         overwrite: bool = False,
         stop_after_epochs: int | None = None,
         progress: bool = True,
+        dataset: Any = None,
     ) -> None:
         self.cfg = cfg
+        self.given_dataset = dataset  # a ReIDDataset to use instead of cfg.data (tune)
         self.resume = resume
         self.overwrite = overwrite
         self.stop_after_epochs = stop_after_epochs
@@ -205,7 +207,10 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         seed_everything(cfg.seed)  # identical initialisation on every rank
-        self.dataset = dataset_from_config(cfg.data)
+        if self.given_dataset is not None:
+            self.dataset = self.given_dataset
+        else:
+            self.dataset = dataset_from_config(cfg.data)
         self._report_skipped_files()
         if not self.dataset.train:
             raise ValueError(
@@ -214,11 +219,12 @@ class Trainer:
         from reidkit.methods.base import method_spec
 
         spec = method_spec(cfg.model.name)
-        check_requirements(cfg.model.name, spec.cls.requires, batch_keys(self.dataset.train))
-        eval_keys = batch_keys(self.dataset.query) & batch_keys(self.dataset.gallery)
+        train_keys, eval_keys = spec.cls.batch_requirements(cfg)
+        check_requirements(cfg.model.name, train_keys, batch_keys(self.dataset.train))
+        eval_available = batch_keys(self.dataset.query) & batch_keys(self.dataset.gallery)
         if is_video_dataset(self.dataset):
-            eval_keys |= {"images"}  # frames are images (I2V, V2I, I2I; image methods)
-        check_requirements(cfg.model.name, spec.cls.eval_requires, eval_keys, split="query/gallery")
+            eval_available |= {"images"}  # frames are images (I2V, V2I, I2I; image methods)
+        check_requirements(cfg.model.name, eval_keys, eval_available, split="query/gallery")
         self.num_classes = self.dataset.num_train_pids
         build_cfg = cfg
         if self.resume and cfg.model.pretrained:
@@ -561,6 +567,7 @@ def train(
     overwrite: bool = False,
     stop_after_epochs: int | None = None,
     progress: bool = True,
+    dataset: Any = None,
 ) -> Path:
     """Train ``cfg`` and return the run folder (``cfg.output_dir``).
 
@@ -572,11 +579,13 @@ def train(
     delete a previous run's logs/checkpoints in the folder (otherwise an existing run is
     an error). ``stop_after_epochs``: stop (as if interrupted, without final evaluation)
     after this many epochs of this call, e.g. for time-limited cluster jobs; continue
-    later with ``resume=True``. ``progress``: tqdm progress bars on rank 0.
+    later with ``resume=True``. ``progress``: tqdm progress bars on rank 0. ``dataset``:
+    a :class:`~reidkit.data.records.ReIDDataset` to train and evaluate on instead of the
+    one ``cfg.data`` names (``reidkit tune`` passes a validation split).
 
     Launched by ``torchrun`` (``WORLD_SIZE > 1``) it trains with DDP: NCCL on CUDA, gloo
     on CPU, one PK-sampler shard per rank, rank 0 logs, evaluates and writes.
     Raises :class:`NonFiniteLossError` if the loss becomes NaN/inf (earlier checkpoints
     are kept untouched).
     """
-    return Trainer(cfg, resume, overwrite, stop_after_epochs, progress).run()
+    return Trainer(cfg, resume, overwrite, stop_after_epochs, progress, dataset=dataset).run()

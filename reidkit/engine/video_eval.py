@@ -442,6 +442,7 @@ def evaluate_video(
         primary=primary,
         skipped=skipped,
     )
+    result.dataset = str(getattr(dataset, "name", "") or "")
     extras_fn = getattr(model, "eval_extras", None)
     if extras_fn is not None:
         extras = extras_fn(cfg, dataset, device)

@@ -23,7 +23,8 @@ Evaluation::
 
 Class attributes declare what the method needs and offers: ``requires`` (batch keys the
 training data must provide; a dataset without them is refused before training starts),
-``eval_requires`` (the same for evaluation), ``feature_names`` (allowed ``test.feature``
+``eval_requires`` (the same for evaluation; ``batch_requirements(cfg)`` when they depend on
+the method's options), ``feature_names`` (allowed ``test.feature``
 values, checked when a config is loaded), ``keep_for_eval`` (extra ``encode`` outputs
 stored with the features, e.g. feature maps for pairwise scoring) and ``exportable``
 (``False`` when the score is not a distance between vectors: ONNX export and the FAISS
@@ -270,6 +271,17 @@ class ReIDMethod(nn.Module):
     #: the method's own mode on video datasets (``test.video_mode=auto``): ``v2v``,
     #: ``i2v``, ``v2i`` or ``i2i`` (reidkit.engine.video_eval)
     video_mode: ClassVar[str] = "v2v"
+
+    @classmethod
+    def batch_requirements(cls, cfg: Config) -> tuple[frozenset[str], frozenset[str]]:
+        """``(train keys, query/gallery keys)`` the method needs under ``cfg``.
+
+        Default: the class attributes ``requires`` and ``eval_requires``. Methods whose
+        needs depend on their options override it (MGRe needs keypoints for training only
+        while its location loss is on, and at test time only when it places its regions
+        from keypoints). The trainer and :func:`reidkit.engine.evaluate_model` check it.
+        """
+        return frozenset(cls.requires), frozenset(cls.eval_requires)
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract

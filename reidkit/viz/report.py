@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import nn
 
 from reidkit.metrics.table import format_percent
@@ -45,10 +45,14 @@ __all__ = [
     "ranked_gallery",
     "render_report_html",
     "build_ranking_report",
+    "draw_boxes",
+    "region_legend_html",
 ]
 
 IMAGE_VIEW = "image"
 AGGREGATE_VIEW = "aggregate"
+REGIONS_VIEW = "regions"
+KEYPOINT_REGIONS_VIEW = "keypoint_regions"
 
 
 @dataclass
@@ -113,6 +117,67 @@ def to_data_uri(image: np.ndarray, fmt: str = "JPEG", quality: int = 88) -> str:
         pil.save(buf, format="PNG")
         mime = "image/png"
     return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def draw_boxes(
+    image: np.ndarray,
+    boxes: np.ndarray | torch.Tensor,
+    colors: Sequence[tuple[int, int, int]],
+    width: int = 2,
+) -> np.ndarray:
+    """Outline normalised boxes on an image.
+
+    ``image`` uint8 ``(H, W, 3)``; ``boxes`` ``(R, 4)`` ``(x_min, y_min, x_max, y_max)`` in
+    [0, 1] image coordinates (rows with NaN are skipped; boxes reaching outside the image
+    are drawn clipped); ``colors`` one RGB colour per box. Returns a new uint8 image.
+    """
+    arr = boxes.detach().float().cpu().numpy() if isinstance(boxes, torch.Tensor) else boxes
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 4 or len(colors) != arr.shape[0]:
+        raise ValueError(
+            f"draw_boxes: expected (R, 4) boxes and R colours, got {arr.shape} and {len(colors)}"
+        )
+    h, w = image.shape[:2]
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    draw = ImageDraw.Draw(pil)
+    for box, color in zip(arr, colors):
+        if not np.isfinite(box).all():
+            continue
+        x0, y0 = np.clip(box[0] * w, 0, w - 1), np.clip(box[1] * h, 0, h - 1)
+        x1, y1 = np.clip(box[2] * w - 1, 0, w - 1), np.clip(box[3] * h - 1, 0, h - 1)
+        if x1 < x0 or y1 < y0:
+            continue
+        draw.rectangle(
+            [float(x0), float(y0), float(x1), float(y1)], outline=tuple(color), width=width
+        )
+    return np.asarray(pil)
+
+
+def region_legend_html(
+    names: Sequence[str],
+    stages: Sequence[int],
+    colors: dict[int, tuple[int, int, int]],
+    iou: dict[int, float] | None = None,
+) -> str:
+    """The "Regions" section: one coloured entry per stage listing its regions and, when
+    given, the mean IoU of the predicted with the keypoint boxes on the shown images."""
+    items = []
+    for stage in sorted(set(stages)):
+        r, g, b = colors[stage]
+        regions = ", ".join(n.replace("_", " ") for n, s in zip(names, stages) if s == stage)
+        mean = ""
+        if iou and stage in iou and not math.isnan(iou[stage]):
+            mean = f" &nbsp;IoU {iou[stage]:.2f}"
+        items.append(
+            f"<li><span class='swatch' style='background:rgb({r},{g},{b})'></span>"
+            f"stage {stage}: {html.escape(regions)}{mean}</li>"
+        )
+    note = (
+        "Views <b>regions (predicted)</b>: the boxes the model located; <b>regions "
+        "(keypoints)</b>: the keypoint boxes (visible keypoints + margin) they are trained "
+        "towards. IoU: mean over the images shown, regions with visible keypoints."
+    )
+    return f"<div class='regions'><h2>Regions</h2><ul class='legend'>{''.join(items)}</ul><small>{note}</small></div>"
 
 
 def cmc_svg(cmc: Sequence[float], max_rank: int = 20, width: int = 380, height: int = 240) -> str:
@@ -261,6 +326,8 @@ table.metrics{border-collapse:collapse} table.metrics td,table.metrics th{border
 .cap .nw{white-space:nowrap}
 .sep{width:10px}
 img.v{display:none} img.v.v-default{display:block}
+ul.legend{list-style:none;padding:0;margin:4px 0} ul.legend li{margin:2px 0}
+.swatch{display:inline-block;width:14px;height:10px;margin-right:6px;border-radius:2px}
 """
 
 _JS = """
@@ -331,12 +398,14 @@ def render_report_html(
     title: str = "reidkit ranking report",
     subtitle: str = "",
     default_view: str | None = None,
+    sections: Sequence[str] = (),
 ) -> str:
     """The whole page as a string.
 
     ``views`` is a list of ``(key, label)`` pairs (every image must carry every key);
     ``metrics`` are shown as a table (values in [0, 1] are printed as %); ``cmc`` is the
-    CMC curve (fractions or %).
+    CMC curve (fractions or %); ``sections`` are extra HTML blocks shown after the summary
+    (e.g. :func:`region_legend_html`).
     """
     if not views:
         raise ValueError("render_report_html: at least one view is needed")
@@ -366,7 +435,7 @@ def render_report_html(
         f"<h1>{html.escape(title)}</h1><div class='sub'>{html.escape(subtitle)}</div>"
         "<div class='summary'><div><h2>Metrics</h2>"
         f"<table class='metrics'>{metric_rows}</table></div>"
-        f"<div><h2>CMC</h2>{cmc_svg(cmc)}</div></div>"
+        f"<div><h2>CMC</h2>{cmc_svg(cmc)}</div>{''.join(sections)}</div>"
         f"<h2>Ranking lists ({len(rows)} queries, {n_fail} rank-1 misses)</h2>"
         "<div id='controls'>Overlay: <span id='view-buttons'></span> "
         "<label><input type='checkbox' id='only-failures'> only rank-1 misses</label>"
@@ -412,6 +481,10 @@ def build_ranking_report(
     title: str = "reidkit ranking report",
     subtitle: str = "",
     alpha: float = 0.5,
+    load_keypoints: Callable[
+        [Sequence[int], Sequence[int]], tuple[torch.Tensor | None, torch.Tensor | None]
+    ]
+    | None = None,
 ) -> Path:
     """Write the HTML report for a trained model.
 
@@ -427,6 +500,12 @@ def build_ranking_report(
         num_queries, topk, failure_fraction, seed: which queries and how many results.
         feature: ``post_bn`` or ``pre_bn`` maps (match the test feature).
         mean, std: input normalisation, to show the images as the model saw them.
+        load_keypoints: ``(query indices, gallery indices) -> (query, gallery)`` pixel
+            keypoints ``(n, 17, 3)`` of the loaded images (``None`` where a split has
+            none). For models that locate body regions (``predict_boxes``, MGRe) the page
+            gets a "regions (predicted)" view (the seven boxes coloured by stage) and, with
+            keypoints, a "regions (keypoints)" view of the keypoint boxes they are trained
+            towards, plus a Regions section (legend, mean IoU over the shown images).
 
     Returns:
         The path written.
@@ -444,6 +523,7 @@ def build_ranking_report(
     n_test = int(getattr(model, "test_branches", getattr(model, "num_branches", 1)))
     views: list[tuple[str, str]] | None = None
     rows: list[ReportRow] = []
+    regions = _RegionViews(model, load_keypoints) if hasattr(model, "predict_boxes") else None
     for qi, failed in zip(chosen, failures):
         gal = ranked_gallery(dist, qi, qp, gp, qc, gc, topk)
         q_img, g_img = load_images([qi], gal)
@@ -467,10 +547,17 @@ def build_ranking_report(
                     (f"branch{i + 1}", f"branch {i + 1}") for i in range(branch_rams.shape[0])
                 ]
         pixels = _to_uint8_images(batch, mean, std)
+        region_uris: dict[str, list[str]] = {}
+        if regions is not None:
+            region_uris = regions.views(batch, pixels, [qi], gal)
+            known = {k for k, _ in views}
+            views += [(k, lbl) for k, lbl in regions.labels if k in region_uris and k not in known]
         cells = []
         for j in range(batch.shape[0]):
             uris = {IMAGE_VIEW: to_data_uri(pixels[j])}
-            for v, (key, _) in enumerate(views[1:]):
+            for key, images in region_uris.items():
+                uris[key] = images[j]
+            for v, (key, _) in enumerate(views[1 : 1 + stack.shape[0]]):
                 uris[key] = to_data_uri(overlay_heatmap(pixels[j], up[v, j], alpha=alpha))
             if j == 0:
                 cap = f"query<br>{_id_caption(int(qp[qi]), int(qc[qi]))}"
@@ -481,8 +568,82 @@ def build_ranking_report(
                 cap = f"#{j} · {_id_caption(int(gp[g]), int(gc[g]))}<br>d={float(dist[qi, g]):.3f}"
                 cells.append(ReportImage(uris, cap, "match" if match else "nonmatch"))
         rows.append(ReportRow(f"query {qi}", cells[0], cells[1:], failed))
-    page = render_report_html(rows, views or [], metrics, cmc, title=title, subtitle=subtitle)
+    sections = [regions.section()] if regions is not None else []
+    page = render_report_html(
+        rows, views or [], metrics, cmc, title=title, subtitle=subtitle, sections=sections
+    )
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     return out
+
+
+class _RegionViews:
+    """The region views of a model with ``predict_boxes`` (MGRe): predicted boxes and the
+    keypoint boxes they are trained towards, drawn per stage colour; IoU accumulated over
+    the images shown."""
+
+    labels = (
+        (REGIONS_VIEW, "regions (predicted)"),
+        (KEYPOINT_REGIONS_VIEW, "regions (keypoints)"),
+    )
+
+    def __init__(self, model: nn.Module, load_keypoints: Callable | None) -> None:
+        from reidkit.methods.mgre import REGION_NAMES, REGION_STAGE, STAGE_COLORS
+
+        self.model = model
+        self.load_keypoints = load_keypoints
+        self.names = REGION_NAMES
+        self.stages = [REGION_STAGE[n] for n in REGION_NAMES]
+        self.colors = STAGE_COLORS
+        self.colours = [STAGE_COLORS[s] for s in self.stages]
+        self.iou_sum: dict[int, float] = {}
+        self.iou_count: dict[int, int] = {}
+
+    def _keypoints(self, q_idx: list[int], g_idx: list[int]) -> torch.Tensor | None:
+        if self.load_keypoints is None:
+            return None
+        kq, kg = self.load_keypoints(q_idx, g_idx)
+        if kq is None or kg is None:
+            return None
+        return torch.cat([kq, kg]).float()
+
+    def views(
+        self, batch: torch.Tensor, pixels: np.ndarray, q_idx: list[int], g_idx: list[int]
+    ) -> dict[str, list[str]]:
+        from reidkit.data.keypoints import normalize_keypoints
+        from reidkit.methods.mgre import REGION_NAMES, STAGE_REGIONS, keypoint_boxes, region_iou
+
+        kp = self._keypoints(q_idx, g_idx)
+        kp_dev = kp.to(batch.device) if kp is not None else None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            boxes = self.model.predict_boxes(batch, kp_dev).float().cpu()  # (n, 7, 4)
+        finally:
+            self.model.train(was_training)
+        out = {
+            REGIONS_VIEW: [
+                to_data_uri(draw_boxes(p, b, self.colours)) for p, b in zip(pixels, boxes)
+            ]
+        }
+        if kp is None:
+            return out
+        kp_norm = normalize_keypoints(kp, *batch.shape[-2:])
+        targets = torch.full_like(boxes, float("nan"))
+        margin = float(getattr(getattr(self.model, "opts", None), "loc_margin", 0.05))
+        for stage, region_kps in self.model.located_region_keypoints().items():
+            idx = [REGION_NAMES.index(n) for n in STAGE_REGIONS[stage]]
+            target, valid = keypoint_boxes(kp_norm, region_kps, margin)
+            targets[:, idx] = torch.where(valid[..., None], target, float("nan"))
+            iou, valid = region_iou(boxes[:, idx], kp_norm, region_kps, margin)
+            self.iou_sum[stage] = self.iou_sum.get(stage, 0.0) + float(iou[valid].sum())
+            self.iou_count[stage] = self.iou_count.get(stage, 0) + int(valid.sum())
+        out[KEYPOINT_REGIONS_VIEW] = [
+            to_data_uri(draw_boxes(p, b, self.colours)) for p, b in zip(pixels, targets)
+        ]
+        return out
+
+    def section(self) -> str:
+        iou = {s: self.iou_sum[s] / self.iou_count[s] for s in self.iou_sum if self.iou_count[s]}
+        return region_legend_html(self.names, self.stages, self.colors, iou)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 from reidkit.data.datasets.base import (
@@ -29,6 +30,8 @@ from reidkit.data.datasets.base import (
     scan_folder,
 )
 from reidkit.data.records import ImageRecord
+
+NUM_KEYPOINTS = 17  # COCO-17; reidkit.data.keypoints imports this package, so not from there
 
 __all__ = [
     "MARKET_FOLDERS",
@@ -70,10 +73,22 @@ def parse_market_layout(
         num_cams: valid cameras are ``1..num_cams`` in the names (None: no check).
         expected: the file-name pattern shown in errors.
         pattern: regex capturing pid (group 1) and 1-based camera (group 2).
-        keypoints: attach ``extras["keypoints"]`` from ``keypoints/<folder>.json``.
+        keypoints: attach ``extras["keypoints"]`` from ``keypoints/<folder>.json``; when
+            any of these files exists every record gets keypoints, all-invisible (zeros)
+            for images without an entry (counted in one warning and the notes).
     """
     splits: dict[str, list[ImageRecord]] = {}
     sources: dict[str, str] = {}
+    kp_files = {
+        folder_name: dataset_dir / "keypoints" / f"{folder_name}.json"
+        for folder_name in MARKET_FOLDERS.values()
+    }
+    # A keypoint folder is a keypoint source for the whole dataset: once any split has a
+    # file, every record gets keypoints (all-invisible where an image has no entry), so a
+    # batch never mixes images with and without them.
+    use_keypoints = keypoints and any(f.is_file() for f in kp_files.values())
+    missing: dict[str, int] = {}
+    first_missing = ""
     for split, folder_name in MARKET_FOLDERS.items():
         folder = resolve_child(dataset_dir, folder_name)
         if folder is None or not folder.is_dir():
@@ -81,22 +96,34 @@ def parse_market_layout(
         sources[split] = str(folder)
         items = scan_folder(folder, pattern, expected, name, num_cams)
         kp: dict = {}
-        if keypoints:
-            kp_file = dataset_dir / "keypoints" / f"{folder_name}.json"
-            if kp_file.is_file():
-                kp = load_keypoints(kp_file, name)
+        if use_keypoints and kp_files[folder_name].is_file():
+            kp = load_keypoints(kp_files[folder_name], name)
         records = []
         for path, pid, cam in items:
             if pid == -1:  # junk boxes are not part of the protocol
                 continue
             extras = {}
-            if kp:
+            if use_keypoints:
                 base = os.path.basename(path)  # keys: file names or <folder>/<file name>
                 rows = kp.get(base, kp.get(f"{folder_name}/{base}"))
-                if rows is not None:
-                    extras["keypoints"] = rows
+                if rows is None:
+                    missing[split] = missing.get(split, 0) + 1
+                    first_missing = first_missing or path
+                    rows = [[0.0, 0.0, 0.0] for _ in range(NUM_KEYPOINTS)]
+                extras["keypoints"] = rows
             records.append(ImageRecord(path=path, pid=pid, camid=cam - 1, extras=extras))
         splits[split] = records
+    notes = list(notes)
+    if missing:
+        n_missing = sum(missing.values())
+        per_split = ", ".join(f"{s} {n}" for s, n in missing.items())
+        msg = (
+            f"{name}: the keypoint files in {dataset_dir / 'keypoints'} have no record for "
+            f"{n_missing} image(s) ({per_split}; first: {first_missing}); they get "
+            "all-invisible keypoints"
+        )
+        notes.append(msg)
+        warnings.warn(msg, stacklevel=3)
     return finalize_dataset(name, root, dataset_dir, splits, opts, sources, notes)
 
 
