@@ -35,6 +35,7 @@ def _idle_machine(monkeypatch):
 def test_limit_follows_env_then_cores(monkeypatch):
     monkeypatch.setattr(threads, "usable_cores", lambda: 3)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(threads, "_busy_elsewhere", lambda: 0)  # not the real machine's load
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert threads.thread_limit() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
