@@ -387,7 +387,7 @@ ROWS: list[Row] = [
     Row(
         "keypoints-file-missing",
         TRAIN + " data.keypoints={tmp}/kp.json",
-        ("cannot read keypoint file {tmp}/kp.json", "No such file"),
+        ("keypoint file not found: {tmp}/kp.json", "reidkit keypoints --onnx"),
     ),
     Row(
         "keypoints-invalid-json",

@@ -3,6 +3,7 @@ DukeMTMC-VideoReID, the registry, and every bad-input case."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy.io import savemat
 
 from reidkit.data.datasets import DatasetError
@@ -22,6 +24,16 @@ from reidkit.data.datasets.video import (
     video_split_stats,
 )
 from reidkit.data.records import TrackletRecord
+
+
+def _tiny_png() -> bytes:
+    """A valid 1x1 PNG: the parsers check each frame's signature and end marker."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+FRAME_BYTES = _tiny_png()
 
 # ----------------------------------------------------------------------------- MARS
 
@@ -40,13 +52,13 @@ def write_mars(
     write_frames: bool = True,
 ) -> Path:
     """A MARS tree under ``root/mars``: tracks are (pid, cam, num_frames); ``query_rows``
-    are 1-based rows of the test tracks. Frames are hard links to one 1-byte file (the
+    are 1-based rows of the test tracks. Frames are hard links to one tiny PNG file (the
     parser only stats them; links are much faster to make than files).
     ``shuffle_within`` lists each tracklet's frames in a random order."""
     ddir = root / "mars"
     (ddir / "info").mkdir(parents=True)
     blob = root / "frame.jpg"
-    blob.write_bytes(b"x")
+    blob.write_bytes(FRAME_BYTES)
     rng = random.Random(0)
     for split, tracks, folder in (("train", train, "bbox_train"), ("test", test, "bbox_test")):
         names: list[str] = []
@@ -226,7 +238,7 @@ def write_ilids(root: Path, people: int = 6, frames: int = 4, splits: int = 10) 
             # written in a shuffled order: directory order is not temporal order
             nums = [1000, 99, 5, 317, 100][:frames]
             for n in rng.permutation(nums):
-                (d / f"cam{cam}_person{p:03d}_{n:05d}.png"[:None]).write_bytes(b"x")
+                (d / f"cam{cam}_person{p:03d}_{n:05d}.png"[:None]).write_bytes(FRAME_BYTES)
     split_dir = ddir / "train-test people splits"
     split_dir.mkdir(parents=True)
     ls_set = np.stack([rng.permutation(people) + 1 for _ in range(splits)])
@@ -275,7 +287,7 @@ def test_ilidsvid_bad_input(tmp_path: Path) -> None:
         build_video_dataset("ilidsvid", tmp_path / "b")
     ds = build_video_dataset("ilidsvid", tmp_path / "b", skip_corrupt=True)
     assert len(ds.skipped_tracklets) == 1
-    (person / "cam2_person002_frame.png").write_bytes(b"x")
+    (person / "cam2_person002_frame.png").write_bytes(FRAME_BYTES)
     with pytest.raises(
         DatasetError, match="do not match the expected pattern.*cam2_person002_frame"
     ):
@@ -294,7 +306,7 @@ def write_prid(root: Path, people: int = 8) -> Path:
             d = ddir / "prid_2011" / "multi_shot" / f"cam_{cam}" / f"person_{p:04d}"
             d.mkdir(parents=True)
             for n in (12, 3, 7):
-                (d / f"{n:04d}.png").write_bytes(b"x")
+                (d / f"{n:04d}.png").write_bytes(FRAME_BYTES)
     dirs = [f"person_{p:04d}" for p in range(1, people + 1)]
     splits = []
     for s in range(10):
@@ -348,7 +360,7 @@ def write_duke(root: Path) -> Path:
                     if old
                     else f"{pid:04d}_C{cam}_F{f:04d}_X{1000 + f}.jpg"
                 )
-                (d / name).write_bytes(b"x")
+                (d / name).write_bytes(FRAME_BYTES)
     return ddir
 
 
@@ -365,7 +377,7 @@ def test_dukemtmc_video_tree(tmp_path: Path) -> None:
     assert old.camid == 0 and len(old) == 3
     assert {(r.pid, r.camid) for r in ds.query} == {(2, 2), (7, 3)}
     # bad input: mixed cameras, non-numeric identity folder, empty tracklet
-    (ddir / "gallery" / "0009" / "0001" / "0009_C2_F0009_X1.jpg").write_bytes(b"x")
+    (ddir / "gallery" / "0009" / "0001" / "0009_C2_F0009_X1.jpg").write_bytes(FRAME_BYTES)
     with pytest.raises(DatasetError, match="mixes cameras"):
         build_video_dataset("dukemtmc_video", tmp_path)
     (ddir / "gallery" / "0009" / "0001" / "0009_C2_F0009_X1.jpg").unlink()
