@@ -12,6 +12,9 @@ are what users inspect.
 
 Entry points: :func:`build_ranking_report` (model + records + distance matrix -> file)
 and the lower-level :func:`render_report_html` (rows of already-encoded images -> HTML).
+Extra per-image views (``extra_views``: e.g. Grad-CAM of a part or of the query-gallery
+similarity, :mod:`reidkit.viz.explain`) and extra page sections (``sections``: e.g.
+IANet's receptive fields) plug into both.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch import nn
 from reidkit.viz.ram import feature_maps, ranking_activation_map
 
 __all__ = [
+    "ExtraView",
     "ReportImage",
     "ReportRow",
     "jet",
@@ -48,6 +52,20 @@ __all__ = [
 
 IMAGE_VIEW = "image"
 AGGREGATE_VIEW = "aggregate"
+
+
+@dataclass
+class ExtraView:
+    """An extra overlay of every image of a ranking row.
+
+    ``compute(batch, gallery)`` gets the row's images ``(1 + k, 3, H, W)`` (the query
+    first, then its ranked gallery images, on the model's device) and the gallery indices,
+    and returns maps ``(1 + k, h, w)`` in [0, 1].
+    """
+
+    key: str
+    label: str
+    compute: Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 
 
 @dataclass
@@ -322,12 +340,15 @@ def render_report_html(
     title: str = "reidkit ranking report",
     subtitle: str = "",
     default_view: str | None = None,
+    sections: Sequence[tuple[str, str]] = (),
+    legend: str = "maps: ranking activation maps (Eq. 10)",
 ) -> str:
     """The whole page as a string.
 
     ``views`` is a list of ``(key, label)`` pairs (every image must carry every key);
     ``metrics`` are shown as a table (values in [0, 1] are printed as %); ``cmc`` is the
-    CMC curve (fractions or %).
+    CMC curve (fractions or %); ``sections`` are ``(title, html)`` blocks added after the
+    ranking lists (the html is inserted as is); ``legend`` explains the overlays.
     """
     if not views:
         raise ValueError("render_report_html: at least one view is needed")
@@ -362,9 +383,12 @@ def render_report_html(
         "<div id='controls'>Overlay: <span id='view-buttons'></span> "
         "<label><input type='checkbox' id='only-failures'> only rank-1 misses</label>"
         " &nbsp;<small>border: <span style='color:#1a9641'>green</span> same identity, "
-        "<span style='color:#d7191c'>red</span> different; maps: ranking activation maps (Eq. 10)</small></div>"
+        f"<span style='color:#d7191c'>red</span> different; {html.escape(legend)}</small></div>"
         f"<div id='rows'>{''.join(body_rows)}</div>"
-        f"<script type='application/json' id='report-views'>{view_json}</script>"
+        + "".join(
+            f"<h2>{html.escape(t)}</h2><div class='section'>{body}</div>" for t, body in sections
+        )
+        + f"<script type='application/json' id='report-views'>{view_json}</script>"
         f"<script>{_JS}</script></body></html>"
     )
 
@@ -403,6 +427,8 @@ def build_ranking_report(
     title: str = "reidkit ranking report",
     subtitle: str = "",
     alpha: float = 0.5,
+    extra_views: Sequence[ExtraView] = (),
+    sections: Sequence[tuple[str, str]] = (),
 ) -> Path:
     """Write the HTML report for a trained model.
 
@@ -418,6 +444,8 @@ def build_ranking_report(
         num_queries, topk, failure_fraction, seed: which queries and how many results.
         feature: ``post_bn`` or ``pre_bn`` maps (match the test feature).
         mean, std: input normalisation, to show the images as the model saw them.
+        extra_views: more overlays per image (:class:`ExtraView`, e.g. Grad-CAM).
+        sections: ``(title, html)`` blocks appended to the page.
 
     Returns:
         The path written.
@@ -444,6 +472,12 @@ def build_ranking_report(
         branch_rams = ranking_activation_map(f_q, fmaps, normalize_query=True)  # (N, 1+k, h, w)
         aggregate = branch_rams[:n_test].mean(dim=0, keepdim=True)
         stack = torch.cat([aggregate, branch_rams]) if branch_rams.shape[0] > 1 else aggregate
+        for view in extra_views:
+            extra = view.compute(batch, gal).to(stack.device, stack.dtype)
+            extra = F.interpolate(
+                extra[None].float(), size=stack.shape[-2:], mode="bilinear", align_corners=False
+            )
+            stack = torch.cat([stack, extra.to(stack.dtype)])
         up = (
             F.interpolate(
                 stack.float(), size=batch.shape[-2:], mode="bilinear", align_corners=False
@@ -457,6 +491,7 @@ def build_ranking_report(
                 views += [
                     (f"branch{i + 1}", f"branch {i + 1}") for i in range(branch_rams.shape[0])
                 ]
+            views += [(v.key, v.label) for v in extra_views]
         pixels = _to_uint8_images(batch, mean, std)
         cells = []
         for j in range(batch.shape[0]):
@@ -472,7 +507,19 @@ def build_ranking_report(
                 cap = f"#{j} · pid {int(gp[g])} · cam {int(gc[g])}<br>d={float(dist[qi, g]):.3f}"
                 cells.append(ReportImage(uris, cap, "match" if match else "nonmatch"))
         rows.append(ReportRow(f"query {qi}", cells[0], cells[1:], failed))
-    page = render_report_html(rows, views or [], metrics, cmc, title=title, subtitle=subtitle)
+    legend = "maps: ranking activation maps (Eq. 10)"
+    if extra_views:
+        legend += "; " + ", ".join(v.label for v in extra_views)
+    page = render_report_html(
+        rows,
+        views or [],
+        metrics,
+        cmc,
+        title=title,
+        subtitle=subtitle,
+        sections=sections,
+        legend=legend,
+    )
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
