@@ -222,6 +222,14 @@ def test_grad_cam_of_one_part(batch) -> None:
     layer = model.default_cam_layer("p2_s1")
     assert layer == "branches.1.stages.1"  # branch 2's layer4
     assert model.default_cam_layer("p3_c2") == "branches.2.stages.1"
+    assert model.default_cam_layer() == "backbone.layer3"  # the trunk: every branch reads it
+    trunk = model.get_submodule("backbone.layer3")
+    assert len(trunk) == 1  # only layer3[0] stays in the trunk
+    full = compute_grad_cam(
+        model, batch["images"][:2], "backbone.layer3", part_logit("p1", index=0),
+        forward=lambda x: model({"images": x}),
+    )  # fmt: skip
+    assert full.maps.shape == (2, 4, 2)
     res = compute_grad_cam(
         model,
         batch["images"][:3],

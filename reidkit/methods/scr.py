@@ -256,14 +256,20 @@ class SCR(ReIDMethod):
             return torch.stack(self.branch_maps(images))
 
     def default_cam_layer(self, part: str | None = None) -> str:
-        """The dotted name of the last stage of ``part``'s branch (branch 1 without a
-        part), the layer to explain a part with Grad-CAM."""
-        branch = 1
-        if part is not None:
-            found = [p for p in self.parts if p.name == part]
-            if not found:
-                raise ValueError(f"SCR has no part '{part}' (parts: {', '.join(self.part_names)})")
-            branch = found[0].branch
+        """The layer to explain a score with Grad-CAM: for a part, the last stage of its
+        branch (``branches.1.stages.1`` is branch 2's layer4); without a part (the mean
+        logit, a pair similarity: every branch contributes) the trunk's last stage, the
+        one map all three branches read (same resolution, layer4 having stride 1)."""
+        if part is None:
+            stage, _, block = self.opts.split_at.partition(".")
+            names = self.backbone.stage_names
+            if block and int(block) > 0:
+                return f"backbone.{stage}"
+            return f"backbone.{names[names.index(stage) - 1]}"
+        found = [p for p in self.parts if p.name == part]
+        if not found:
+            raise ValueError(f"SCR has no part '{part}' (parts: {', '.join(self.part_names)})")
+        branch = found[0].branch
         tail = self.branches[branch - 1]
         stages = getattr(tail, "stages", None)
         if stages is None:
