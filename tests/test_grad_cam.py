@@ -275,3 +275,17 @@ def test_cam_target_specs_and_default_layers() -> None:
     torch.testing.assert_close(fixed.maps, direct.maps)
     with pytest.raises(ValueError, match="no part classifiers"):
         method_grad_cam(model, images, parse_cam_target("part:p1"))
+
+
+def test_enlarge_images_for_pictures() -> None:
+    from reidkit.viz.grid import enlarge_images
+
+    small = np.zeros((2, 48, 24, 3), dtype=np.uint8)
+    small[:, :24] = 200
+    big = enlarge_images(small, min_width=96)
+    assert big.shape == (2, 192, 96, 3) and big.dtype == np.uint8  # integer factor 4
+    assert big[0, 10, 10, 0] == 200 and big[0, 180, 10, 0] == 0
+    wide = np.zeros((1, 128, 128, 3), dtype=np.uint8)
+    assert enlarge_images(wide) is wide
+    with pytest.raises(ValueError, match="B, H, W, 3"):
+        enlarge_images(np.zeros((48, 24, 3), dtype=np.uint8))

@@ -189,7 +189,7 @@ def _relation_section(cfg, model, load_images, queries: list[int], device):
     model has no spatial IA block."""
     import numpy as np
 
-    from reidkit.viz.grid import to_uint8_images
+    from reidkit.viz.grid import enlarge_images, to_uint8_images
     from reidkit.viz.relation import find_spatial_ia, relation_grid, relation_maps
     from reidkit.viz.report import to_data_uri
 
@@ -198,7 +198,7 @@ def _relation_section(cfg, model, load_images, queries: list[int], device):
         return None
     images, _ = load_images(queries, [])
     images = images.to(device)
-    pixels = to_uint8_images(images, cfg.data.mean, cfg.data.std)
+    pixels = enlarge_images(to_uint8_images(images, cfg.data.mean, cfg.data.std))
     parts = []
     for block in blocks:
         maps, cells = relation_maps(model, images, module=block)

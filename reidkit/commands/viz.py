@@ -97,22 +97,6 @@ def _inputs(args: argparse.Namespace, cfg) -> tuple[object, list[str], list]:
     return _read_images(cfg, paths), [Path(p).name for p in paths], records
 
 
-def _display(pixels, min_width: int = 96):
-    """Enlarge small uint8 images ``(B, H, W, 3)`` (bicubic) so the picture stays readable
-    and its column labels fit; maps are upsampled to the shown size anyway."""
-    import numpy as np
-    from PIL import Image
-
-    b, h, w, _ = pixels.shape
-    scale = max(1, -(-min_width // w))
-    if scale == 1:
-        return pixels
-    size = (w * scale, h * scale)
-    return np.stack(
-        [np.asarray(Image.fromarray(p).resize(size, Image.Resampling.BICUBIC)) for p in pixels]
-    )
-
-
 def _chunks(n: int, size: int):
     for s in range(0, n, size):
         yield slice(s, min(s + size, n))
@@ -129,7 +113,7 @@ def _gradcam(args: argparse.Namespace) -> int:
         predicted_classes,
     )
     from reidkit.viz.grad_cam import map_overlap_matrix
-    from reidkit.viz.grid import overlay_maps, save_image_grid, to_uint8_images
+    from reidkit.viz.grid import enlarge_images, overlay_maps, save_image_grid, to_uint8_images
 
     targets = [parse_cam_target(t) for t in (args.target or ["class"])]
     pair = [t for t in targets if t.kind == "pair"]
@@ -159,7 +143,7 @@ def _gradcam(args: argparse.Namespace) -> int:
     stacked = torch.stack([torch.cat(m) for m in maps])  # (T, B, h, w)
     classes = torch.cat(classes_all)
     shown = slice(0, min(args.max_rows, len(images)))
-    pixels = _display(to_uint8_images(images[shown], mean, std))
+    pixels = enlarge_images(to_uint8_images(images[shown], mean, std))
     columns = [overlay_maps(pixels, stacked[i, shown]) for i in range(len(targets))]
     rows = [[pixels[b]] + [col[b] for col in columns] for b in range(len(pixels))]
     labels = [f"{names[b]}\nclass {int(classes[b])}" for b in range(len(pixels))]
@@ -194,7 +178,7 @@ def _pair(args, cfg, model, device, images, names, records) -> int:
     import torch
 
     from reidkit.viz.explain import method_pair_grad_cam, similarity_metric
-    from reidkit.viz.grid import overlay_maps, save_image_grid, to_uint8_images
+    from reidkit.viz.grid import enlarge_images, overlay_maps, save_image_grid, to_uint8_images
 
     if args.gallery:
         if len(args.gallery) != len(images):
@@ -235,8 +219,8 @@ def _pair(args, cfg, model, device, images, names, records) -> int:
         sims.append(s.cpu())
     qm, gm, sim = torch.cat(q_maps), torch.cat(g_maps), torch.cat(sims)
     shown = slice(0, min(args.max_rows, len(images)))
-    qp = _display(to_uint8_images(images[shown], cfg.data.mean, cfg.data.std))
-    gp = _display(to_uint8_images(gallery[shown], cfg.data.mean, cfg.data.std))
+    qp = enlarge_images(to_uint8_images(images[shown], cfg.data.mean, cfg.data.std))
+    gp = enlarge_images(to_uint8_images(gallery[shown], cfg.data.mean, cfg.data.std))
     qo, go = overlay_maps(qp, qm[shown]), overlay_maps(gp, gm[shown])
     rows = [[qp[b], qo[b], gp[b], go[b]] for b in range(len(qp))]
     labels = [f"{names[b]}\n{g_names[b]}\n{metric} {float(sim[b]):.3f}" for b in range(len(qp))]
@@ -259,7 +243,7 @@ def _pair(args, cfg, model, device, images, names, records) -> int:
 def _relation(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from reidkit.viz.grid import to_uint8_images
+    from reidkit.viz.grid import enlarge_images, to_uint8_images
     from reidkit.viz.relation import (
         DEFAULT_POSITIONS,
         find_spatial_ia,
@@ -289,7 +273,7 @@ def _relation(args: argparse.Namespace) -> int:
                     f"--positions '{text}': expected y,x fractions, e.g. 0.3,0.5"
                 ) from None
             positions.append((y, x))
-    pixels = _display(to_uint8_images(images, cfg.data.mean, cfg.data.std))
+    pixels = enlarge_images(to_uint8_images(images, cfg.data.mean, cfg.data.std))
     grids = []
     for block in blocks:
         maps, cells = relation_maps(model, images.to(device), module=block, positions=positions)
