@@ -66,6 +66,8 @@ class DataConfig(_Section):
     # loader
     sampler: Literal["pk", "random"] = "pk"
     num_instances: int = Field(4, gt=0)  # K of P x K
+    # a PK epoch: about one pass over the images, or each identity once (MGN / SCR code)
+    pk_epoch: Literal["images", "identities"] = "images"
     batch_size: int = Field(64, gt=0)  # P * K
     test_batch_size: int = Field(128, gt=0)
     num_workers: int = Field(2, ge=0)
@@ -119,6 +121,8 @@ class LossConfig(_Section):
     metric_weight: float = Field(1.0, ge=0)
     triplet_margin: float = Field(0.3, ge=0)
     triplet_feature: Literal["pre_bn", "post_bn"] = "pre_bn"
+    # distance of the (soft) triplet: euclidean (BoT) or cosine = 1 - cos (IANet)
+    triplet_distance: Literal["euclidean", "cosine"] = "euclidean"
     wrt_include_self: bool = True  # WRT positives include the anchor, as in the AGW code
     center_weight: float = Field(0.0, ge=0)  # 5e-4 in BoT's "with center" variant
     center_lr: float = Field(0.5, gt=0)

@@ -241,6 +241,8 @@ def tiny_resnet(monkeypatch):
         ("cama", {"model.cama.num_branches": 2, "solver.classifier_warm_epochs": 1,
                   "solver.max_epochs": 3, "loss.metric": "none"}),
         ("cge", {"model.cge.num_stripes": 2, "loss.metric": "soft_triplet"}),
+        ("scr", {"data.pk_epoch": "identities", "loss.center_weight": 0.0005}),
+        ("ianet", {}),
     ],
 )  # fmt: skip
 def test_real_methods_resume_exactly(data_root, tmp_path, tiny_resnet, name, extra):
@@ -254,7 +256,13 @@ def test_real_methods_resume_exactly(data_root, tmp_path, tiny_resnet, name, ext
     state = _assert_resume_exact(
         lambda out: fake_config(data_root, out, **{**over, **extra}), tmp_path
     )
-    expected = {"bot": {"main", "center"}, "cama": {"warm", "main"}, "cge": {"main"}}[name]
+    expected = {
+        "bot": {"main", "center"},
+        "cama": {"warm", "main"},
+        "cge": {"main"},
+        "scr": {"main", "center"},
+        "ianet": {"main"},
+    }[name]
     assert set(state["optimizers"]) == expected
 
 

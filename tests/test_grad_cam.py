@@ -150,8 +150,9 @@ def _tiny_bot(num_classes: int = 5) -> nn.Module:
     with torch.no_grad():
         model.train()
         for s in range(3):
-            x = torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(s))
-            model({"images": x})
+            model.forward_train(
+                torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(s))
+            )
         model.neck.classifier.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(7))
     return model.eval()
 
@@ -186,29 +187,39 @@ def test_grad_cam_on_reidkit_baseline_generalises_cam() -> None:
     assert maps.shape == (3, 4, 2) and float(maps.amax(dim=(1, 2)).min()) == pytest.approx(1.0)
 
 
-def _feat(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.encode({"images": x})["post_bn"]
-
-
 def test_pair_similarity_matches_separate_pairs() -> None:
     model = _tiny_bot()
+
+    def feat(x: torch.Tensor) -> torch.Tensor:  # the method's test feature
+        return model.encode({"images": x})["post_bn"]
+
     g = torch.Generator().manual_seed(5)
     q, gal = torch.randn(3, 3, 64, 32, generator=g), torch.randn(3, 3, 64, 32, generator=g)
-    q_maps, g_maps, sims = pair_grad_cam(model, q, gal, "backbone.layer4")
+    q_maps, g_maps, sims = pair_grad_cam(model, q, gal, "backbone.layer4", forward=feat)
     with torch.no_grad():
-        torch.testing.assert_close(sims, F.cosine_similarity(_feat(model, q), _feat(model, gal)))
+        torch.testing.assert_close(sims, F.cosine_similarity(feat(q), feat(gal)))
     for i in range(3):  # each pair alone: same maps (eval-mode BN does not mix images)
-        qi, gi, si = pair_grad_cam(model, q[i : i + 1], gal[i : i + 1], "backbone.layer4")
+        qi, gi, si = pair_grad_cam(
+            model, q[i : i + 1], gal[i : i + 1], "backbone.layer4", forward=feat
+        )
         torch.testing.assert_close(qi[0], q_maps[i], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(gi[0], g_maps[i], rtol=1e-4, atol=1e-5)
     # explaining the gallery side against a fixed query feature gives the gallery maps
     with torch.no_grad():
-        ref = _feat(model, q[:1])
-    ref_maps = grad_cam(model, gal[:1], "backbone.layer4", similarity_to(ref[0]))
+        ref = feat(q[:1])
+    ref_maps = grad_cam(model, gal[:1], "backbone.layer4", similarity_to(ref[0]), forward=feat)
     torch.testing.assert_close(ref_maps[0], g_maps[0], rtol=1e-4, atol=1e-5)
-    _, _, d = pair_grad_cam(model, q, gal, "backbone.layer4", metric="euclidean")
+    _, _, d = pair_grad_cam(model, q, gal, "backbone.layer4", forward=feat, metric="euclidean")
     with torch.no_grad():
-        torch.testing.assert_close(d, -(_feat(model, q) - _feat(model, gal)).norm(dim=1))
+        torch.testing.assert_close(d, -(feat(q) - feat(gal)).norm(dim=1))
+    # the method-level helpers (reidkit.viz.explain) give the same maps
+    from reidkit.viz.explain import method_pair_grad_cam, method_similarity_cam
+
+    mq, mg, ms = method_pair_grad_cam(model, q, gal, "backbone.layer4")
+    torch.testing.assert_close(mq, q_maps)
+    torch.testing.assert_close(mg, g_maps)
+    sim_maps = method_similarity_cam(model, gal[:1], ref[0], "backbone.layer4")
+    torch.testing.assert_close(sim_maps[0], g_maps[0], rtol=1e-4, atol=1e-5)
 
 
 def test_map_overlap_hand_case_and_matrix() -> None:
@@ -243,3 +254,40 @@ def test_overlay_and_grid(tmp_path: Path) -> None:
         image_grid([[np.zeros((4, 4, 3))]])
     with pytest.raises(ValueError, match=".png"):
         save_image_grid([overlays], tmp_path / "grid.txt")
+
+
+def test_cam_target_specs_and_default_layers() -> None:
+    from reidkit.viz.explain import CamTarget, default_layer, method_grad_cam, parse_cam_target
+
+    assert parse_cam_target("class") == CamTarget("class")
+    assert parse_cam_target("class:7") == CamTarget("class", None, 7)
+    assert parse_cam_target("part:p2_s1") == CamTarget("part", "p2_s1")
+    assert parse_cam_target("part:p3_c2:4") == CamTarget("part", "p3_c2", 4)
+    assert parse_cam_target("pair") == CamTarget("pair")
+    for bad in ("klass", "class:x", "class:-1", "part", "part:", "pair:1", "part:a:b:c"):
+        with pytest.raises(ValueError, match="Grad-CAM target"):
+            parse_cam_target(bad)
+    model = _tiny_bot()
+    assert default_layer(model) == "backbone.layer4"
+    images = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(8))
+    fixed = method_grad_cam(model, images, parse_cam_target("class:3"))
+    direct = compute_grad_cam(
+        model, images, "backbone.layer4", class_logit(3), forward=model.forward_train
+    )
+    torch.testing.assert_close(fixed.maps, direct.maps)
+    with pytest.raises(ValueError, match="no part classifiers"):
+        method_grad_cam(model, images, parse_cam_target("part:p1"))
+
+
+def test_enlarge_images_for_pictures() -> None:
+    from reidkit.viz.grid import enlarge_images
+
+    small = np.zeros((2, 48, 24, 3), dtype=np.uint8)
+    small[:, :24] = 200
+    big = enlarge_images(small, min_width=96)
+    assert big.shape == (2, 192, 96, 3) and big.dtype == np.uint8  # integer factor 4
+    assert big[0, 10, 10, 0] == 200 and big[0, 180, 10, 0] == 0
+    wide = np.zeros((1, 128, 128, 3), dtype=np.uint8)
+    assert enlarge_images(wide) is wide
+    with pytest.raises(ValueError, match="B, H, W, 3"):
+        enlarge_images(np.zeros((48, 24, 3), dtype=np.uint8))

@@ -108,12 +108,19 @@ def test_focal_loss(gamma, alpha, eps):
 
 
 # ------------------------------------------------------------------------------ triplet
-def naive_batch_hard(feats, pids, margin, soft):
+def cos_dist(a, b) -> float:
+    dot = sum(float(x) * float(y) for x, y in zip(a, b))
+    na = math.sqrt(sum(float(x) ** 2 for x in a))
+    nb = math.sqrt(sum(float(y) ** 2 for y in b))
+    return 1.0 - dot / (na * nb)
+
+
+def naive_batch_hard(feats, pids, margin, soft, d=dist):
     losses = []
     n = len(pids)
     for a in range(n):
-        pos = [dist(feats[a], feats[p]) for p in range(n) if p != a and pids[p] == pids[a]]
-        neg = [dist(feats[a], feats[q]) for q in range(n) if pids[q] != pids[a]]
+        pos = [d(feats[a], feats[p]) for p in range(n) if p != a and pids[p] == pids[a]]
+        neg = [d(feats[a], feats[q]) for q in range(n) if pids[q] != pids[a]]
         if not pos or not neg:
             continue
         x = max(pos) - min(neg)
@@ -130,6 +137,31 @@ def test_triplet_batch_hard(soft, seed):
     normed = F.normalize(feats, dim=1)
     got_n = triplet_batch_hard(feats, pids, margin=0.3, soft=soft, normalize=True)
     assert got_n.item() == pytest.approx(naive_batch_hard(normed, pids, 0.3, soft), rel=1e-8)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_triplet_batch_hard_cosine_distance(soft):
+    feats, pids = batch(seed=3)
+    got = triplet_batch_hard(feats, pids, margin=0.3, soft=soft, distance="cosine")
+    assert got.item() == pytest.approx(naive_batch_hard(feats, pids, 0.3, soft, cos_dist), rel=1e-8)
+    # scale-invariant per sample, unlike the Euclidean distance
+    scaled = feats * torch.rand(len(feats), 1, dtype=DT, generator=torch.Generator().manual_seed(1))
+    assert triplet_batch_hard(scaled + 0, pids, 0.3, soft, distance="cosine").item() == (
+        pytest.approx(got.item(), rel=1e-8)
+    )
+    # hand-worked: directions at 0, 90 (id 0) and 180, 45 degrees (id 1), margin 0.3
+    ang = torch.tensor([0.0, 90.0, 180.0, 45.0], dtype=DT) * math.pi / 180
+    unit = torch.stack([ang.cos(), ang.sin()], dim=1)
+    two = torch.tensor([0, 0, 1, 1])
+    c45 = 1 - math.cos(math.pi / 4)
+    # anchor 0: d_ap 1, d_an min(2, c45) -> 1 - c45 + 0.3; anchor 1: 1 vs c45 -> 1 - c45 + 0.3
+    # anchor 2: d_ap 1 - cos(135) = 1 + c, d_an min(2, 1) = 1 -> cos(45) + 0.3; anchor 3:
+    # d_ap 1 + cos(45), d_an c45 -> 2 cos(45) + 0.3
+    c = math.cos(math.pi / 4)
+    expected = (2 * (1 - c45 + 0.3) + (c + 0.3) + (2 * c + 0.3)) / 4
+    assert triplet_batch_hard(unit, two, 0.3, distance="cosine").item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="distance"):
+        triplet_batch_hard(feats, pids, distance="manhattan")
 
 
 def test_triplet_hand_worked_case():
@@ -369,6 +401,10 @@ def test_build_metric_loss_from_config():
     cfg = LossConfig(metric="soft_triplet")
     assert build_metric_loss(cfg)(feats, pids).item() == pytest.approx(
         triplet_batch_hard(feats, pids, soft=True).item()
+    )
+    cfg = LossConfig(metric="triplet", triplet_margin=0.3, triplet_distance="cosine")
+    assert build_metric_loss(cfg)(feats, pids).item() == pytest.approx(
+        naive_batch_hard(feats, pids, 0.3, False, cos_dist)
     )
     cfg = LossConfig(metric="wrt")
     assert build_metric_loss(cfg)(feats, pids).item() == pytest.approx(

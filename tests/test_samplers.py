@@ -230,3 +230,51 @@ def test_shuffle_sampler():
     r1.set_epoch(0)
     x, y = list(r0), list(r1)
     assert not set(x) & set(y) and sorted(x + y) == sorted(a)
+
+
+# ------------------------------------------------------------ identity epoch (SCR)
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_identity_epoch_visits_every_identity_once(world_size):
+    pids = make_pids(COUNTS)  # 16 identities, one with a single image
+    k, p = 4, 4
+    s = PKSampler(pids, batch_size=p * k, num_instances=k, seed=3, epoch="identities")
+    assert s.num_batches == len(COUNTS) // p == 4
+    assert len(s) == len(COUNTS) * k
+    orders = []
+    for epoch in range(3):
+        batches = batches_of(s, epoch)
+        labels = [pids[i] for b in batches for i in b]
+        seen = Counter(labels)
+        assert set(seen) == set(range(len(COUNTS))) and set(seen.values()) == {k}
+        flat = [i for b in batches for i in b]
+        for pid, n in enumerate(COUNTS):
+            own = [i for i in flat if pids[i] == pid]
+            if n >= k:  # without replacement when the identity has K images
+                assert len(set(own)) == k
+            else:
+                assert set(own) <= {i for i, q in enumerate(pids) if q == pid}
+        orders.append([labels[j] for j in range(0, len(labels), k)])
+    assert orders[0] != orders[1]  # a new order of identities every epoch
+    # DDP: each rank gets whole identities and the ranks together make the global batch
+    if world_size > 1:
+        ranks = [
+            PKSampler(pids, p * k, k, seed=3, rank=r, world_size=world_size, epoch="identities")
+            for r in range(world_size)
+        ]
+        for r in ranks:
+            r.set_epoch(1)
+        per_rank = [batches_of(r, 1) for r in ranks]
+        s.set_epoch(1)
+        for b, global_batch in enumerate(batches_of(s, 1)):
+            assert sum((pr[b] for pr in per_rank), []) == global_batch
+
+
+def test_identity_epoch_without_drop_last_and_errors():
+    pids = make_pids(COUNTS[:10])  # 10 identities, P = 4: 2 full batches, or 3 completed
+    s = PKSampler(pids, 16, 4, seed=0, epoch="identities", drop_last=False)
+    assert s.num_batches == 3
+    for batch in batches_of(s, 0):
+        groups = [[pids[i] for i in batch[j : j + 4]] for j in range(0, 16, 4)]
+        assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == 4
+    with pytest.raises(ValueError, match="epoch"):
+        PKSampler(pids, 16, 4, epoch="passes")

@@ -522,6 +522,7 @@ def build_train_loader(
             rank=rank,
             world_size=world_size,
             drop_last=True,
+            epoch=data.pk_epoch,
         )
     elif data.sampler == "random":
         base = ShuffleSampler(

@@ -29,8 +29,10 @@ from reidkit.losses.pairwise import (
 from reidkit.losses.softmax import CrossEntropyLabelSmooth, cross_entropy_label_smooth
 from reidkit.losses.tkp import tkp_distance_loss, tkp_feature_loss
 from reidkit.losses.triplet import (
+    TRIPLET_DISTANCES,
     TripletLoss,
     WeightedRegularizedTripletLoss,
+    cosine_dist,
     cross_triplet_batch_hard,
     euclidean_dist,
     pair_masks,
@@ -40,6 +42,7 @@ from reidkit.losses.triplet import (
 
 __all__ = [
     "EXTRA_LOSSES",
+    "TRIPLET_DISTANCES",
     "CenterLoss",
     "CircleLoss",
     "ContrastiveLoss",
@@ -58,6 +61,7 @@ __all__ = [
     "center_loss",
     "circle_loss",
     "contrastive_loss",
+    "cosine_dist",
     "cross_entropy_label_smooth",
     "cross_triplet_batch_hard",
     "euclidean_dist",

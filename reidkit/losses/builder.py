@@ -2,7 +2,8 @@
 
 - :func:`build_metric_loss` -> the metric loss named by ``loss.metric``
   (``none``, ``triplet``, ``soft_triplet``, ``wrt``, ``circle``) as a module called
-  ``(feats (B, D), pids (B,)) -> scalar``; ``none`` gives :class:`ZeroLoss`.
+  ``(feats (B, D), pids (B,)) -> scalar``; ``none`` gives :class:`ZeroLoss`. The triplet
+  losses use ``loss.triplet_distance`` (``euclidean`` or ``cosine``).
 - :func:`build_id_loss` -> label-smoothed CE, or focal loss when ``loss.focal_gamma`` is set.
 - :func:`build_extra_loss` -> CGE Table 5 extras (``sphere``, ``lifted``, ``instance``,
   ``contrastive``, ``circle``, ``triplet``); sphere and instance own classifier weights,
@@ -56,10 +57,11 @@ def build_metric_loss(loss_cfg: Any) -> nn.Module:
     metric = loss_cfg.metric
     if metric == "none":
         return ZeroLoss()
+    distance = getattr(loss_cfg, "triplet_distance", "euclidean")
     if metric == "triplet":
-        return TripletLoss(margin=loss_cfg.triplet_margin)
+        return TripletLoss(margin=loss_cfg.triplet_margin, distance=distance)
     if metric == "soft_triplet":
-        return TripletLoss(soft=True)
+        return TripletLoss(soft=True, distance=distance)
     if metric == "wrt":
         return WeightedRegularizedTripletLoss(include_self_positive=loss_cfg.wrt_include_self)
     if metric == "circle":
@@ -115,7 +117,9 @@ def build_extra_loss(
             kw = {"m": loss_cfg.circle_m, "gamma": loss_cfg.circle_gamma}
         return CircleLoss(**{**kw, **options})
     if name == "triplet":
-        kw = {"margin": loss_cfg.triplet_margin} if loss_cfg is not None else {}
+        kw = {}
+        if loss_cfg is not None:
+            kw = {"margin": loss_cfg.triplet_margin, "distance": loss_cfg.triplet_distance}
         return TripletLoss(**{**kw, **options})
     raise ValueError(
         f"loss.extra: unknown extra loss '{name}' (expected one of {', '.join(EXTRA_LOSSES)})"

@@ -2,7 +2,9 @@
 weighted regularised triplet (Ye et al., TPAMI 2021).
 
 Distances are Euclidean, ``d(a, b) = ||f_a - f_b||_2`` (computed in float32 from the Gram
-matrix, clamped at 1e-12 before the square root). The anchor itself is never one of its
+matrix, clamped at 1e-12 before the square root), or, for the batch-hard loss with
+``distance="cosine"``, ``d(a, b) = 1 - cos(f_a, f_b)`` (IANet's triplet on the post-BN
+feature). The anchor itself is never one of its
 positives. Anchors without a positive or without a negative in the batch are left out of
 the mean; a batch with no valid anchor gives a zero loss that keeps the graph.
 """
@@ -16,6 +18,8 @@ from torch import nn
 from reidkit.losses.softmax import full_precision, to_float
 
 __all__ = [
+    "TRIPLET_DISTANCES",
+    "cosine_dist",
     "euclidean_dist",
     "pair_masks",
     "triplet_batch_hard",
@@ -37,6 +41,19 @@ def euclidean_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return d2.clamp(min=1e-12).sqrt()
 
 
+@full_precision
+def cosine_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine distances ``1 - cos(x_i, y_j)``: ``(M, D), (N, D) -> (M, N)`` in
+    float32, in [0, 2] (a zero vector has distance 1 to everything)."""
+    x = F.normalize(to_float(x), dim=1)
+    y = F.normalize(to_float(y), dim=1)
+    return 1.0 - x @ y.t()
+
+
+#: ``distance`` values of :func:`triplet_batch_hard`.
+TRIPLET_DISTANCES = ("euclidean", "cosine")
+
+
 def pair_masks(pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B,)`` labels -> ``(is_pos, is_neg)`` boolean ``(B, B)`` masks, diagonal excluded."""
     if pids.dim() != 1:
@@ -53,10 +70,17 @@ def _check(feats: torch.Tensor, pids: torch.Tensor) -> None:
         raise ValueError(f"pids must be (B,) with B={feats.shape[0]}, got {tuple(pids.shape)}")
 
 
-def _batch_distances(feats: torch.Tensor, pids: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Check ``feats (B, D)`` / ``pids (B,)`` and return the ``(B, B)`` float32 Euclidean
-    distances between the features (L2-normalised first when ``normalize``)."""
+def _batch_distances(
+    feats: torch.Tensor, pids: torch.Tensor, normalize: bool, distance: str = "euclidean"
+) -> torch.Tensor:
+    """Check ``feats (B, D)`` / ``pids (B,)`` and return the ``(B, B)`` float32 distances
+    between the features: Euclidean (of the L2-normalised features when ``normalize``) or
+    cosine (``1 - cos``; ``normalize`` changes nothing)."""
     _check(feats, pids)
+    if distance == "cosine":
+        return cosine_dist(feats, feats)
+    if distance != "euclidean":
+        raise ValueError(f"triplet distance must be one of {TRIPLET_DISTANCES}, got {distance!r}")
     if normalize:
         feats = F.normalize(to_float(feats), dim=1)
     return euclidean_dist(feats, feats)
@@ -88,6 +112,7 @@ def triplet_batch_hard(
     margin: float = 0.3,
     soft: bool = False,
     normalize: bool = False,
+    distance: str = "euclidean",
 ) -> torch.Tensor:
     """Batch-hard triplet loss.
 
@@ -99,12 +124,14 @@ def triplet_batch_hard(
         feats: ``(B, D)`` embeddings; pids: ``(B,)`` identity labels.
         margin: ranking margin (hard version).
         soft: soft-margin variant.
-        normalize: L2-normalise the features first.
+        normalize: L2-normalise the features first (Euclidean distance).
+        distance: ``"euclidean"`` or ``"cosine"`` (``1 - cos``, in [0, 2]; the margin is
+            then on that scale, e.g. IANet's 0.3).
 
     Returns:
         Scalar.
     """
-    dist = _batch_distances(feats, pids, normalize)
+    dist = _batch_distances(feats, pids, normalize, distance)
     is_pos, is_neg, valid = _anchor_masks(pids)
     d_ap = dist.masked_fill(~is_pos, float("-inf")).amax(dim=1)
     d_an = dist.masked_fill(~is_neg, float("inf")).amin(dim=1)
@@ -195,19 +222,36 @@ def weighted_regularized_triplet(
 
 
 class TripletLoss(nn.Module):
-    """Batch-hard triplet loss module: ``(feats (B, D), pids (B,)) -> scalar``."""
+    """Batch-hard triplet loss module: ``(feats (B, D), pids (B,)) -> scalar``;
+    ``distance`` is ``"euclidean"`` or ``"cosine"`` (see :func:`triplet_batch_hard`)."""
 
-    def __init__(self, margin: float = 0.3, soft: bool = False, normalize: bool = False) -> None:
+    def __init__(
+        self,
+        margin: float = 0.3,
+        soft: bool = False,
+        normalize: bool = False,
+        distance: str = "euclidean",
+    ) -> None:
         super().__init__()
+        if distance not in TRIPLET_DISTANCES:
+            raise ValueError(
+                f"triplet distance must be one of {TRIPLET_DISTANCES}, got {distance!r}"
+            )
         self.margin = margin
         self.soft = soft
         self.normalize = normalize
+        self.distance = distance
 
     def forward(self, feats: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
-        return triplet_batch_hard(feats, pids, self.margin, self.soft, self.normalize)
+        return triplet_batch_hard(
+            feats, pids, self.margin, self.soft, self.normalize, self.distance
+        )
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, soft={self.soft}, normalize={self.normalize}"
+        return (
+            f"margin={self.margin}, soft={self.soft}, normalize={self.normalize}, "
+            f"distance={self.distance}"
+        )
 
 
 class WeightedRegularizedTripletLoss(nn.Module):

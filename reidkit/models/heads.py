@@ -7,6 +7,9 @@ classifier has no bias and weights drawn from N(0, 0.001^2). Metric losses use t
 
 ``neck="none"`` (IDE, Zheng et al. 2016): ``feat -> Linear(bias=True)``; ``bn_feat`` is
 ``feat`` itself.
+
+``bn_bias=True`` / ``classifier_bias=True`` give the IANet head (GAP -> BN1d with a
+trainable bias -> Linear with bias).
 """
 
 from __future__ import annotations
@@ -25,11 +28,21 @@ class BNNeck(nn.Module):
         num_classes: training identities ``C``; 0 builds no classifier (inference only,
             ``logits`` is then ``None``).
         neck: ``"bnneck"`` or ``"none"``.
+        bn_bias: train the BN bias (BoT freezes it at 0).
+        classifier_bias: give the classifier a bias (default: only without BN, as IDE).
 
     ``forward(feat)``: ``(B, D) -> (bn_feat (B, D), logits (B, C) or None)``.
     """
 
-    def __init__(self, in_dim: int, num_classes: int, neck: str = "bnneck") -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        neck: str = "bnneck",
+        *,
+        bn_bias: bool = False,
+        classifier_bias: bool | None = None,
+    ) -> None:
         super().__init__()
         if neck not in ("bnneck", "none"):
             raise ValueError(f"model.neck: unknown neck '{neck}' (expected bnneck or none)")
@@ -42,12 +55,13 @@ class BNNeck(nn.Module):
             self.bn: nn.Module = nn.BatchNorm1d(in_dim)
             nn.init.ones_(self.bn.weight)
             nn.init.zeros_(self.bn.bias)
-            self.bn.bias.requires_grad_(False)
+            self.bn.bias.requires_grad_(bn_bias)
         else:
             self.bn = nn.Identity()
         self.classifier: nn.Linear | None = None
         if num_classes > 0:
-            self.classifier = nn.Linear(in_dim, num_classes, bias=neck == "none")
+            bias = neck == "none" if classifier_bias is None else classifier_bias
+            self.classifier = nn.Linear(in_dim, num_classes, bias=bias)
             nn.init.normal_(self.classifier.weight, std=0.001)
             if self.classifier.bias is not None:
                 nn.init.zeros_(self.classifier.bias)

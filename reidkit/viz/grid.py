@@ -20,6 +20,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "to_uint8_images",
+    "enlarge_images",
     "upsample_map",
     "overlay_map",
     "overlay_maps",
@@ -43,6 +44,24 @@ def to_uint8_images(
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     x = (images.detach().float().cpu() * s + m).clamp(0, 1)
     return (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def enlarge_images(pixels: np.ndarray, min_width: int = 96) -> np.ndarray:
+    """Enlarge small uint8 images ``(B, H, W, 3)`` by an integer factor (bicubic) so that
+    they are at least ``min_width`` wide (pictures of 64x32 or 96x48 inputs stay readable
+    and their labels fit); larger images are returned as they are. Maps are overlaid at
+    the shown size (:func:`overlay_map` upsamples them), so this only changes the picture.
+    """
+    if pixels.ndim != 4 or pixels.shape[-1] != 3:
+        raise ValueError(f"enlarge_images: expected (B, H, W, 3), got {pixels.shape}")
+    _, h, w, _ = pixels.shape
+    scale = max(1, -(-min_width // max(w, 1)))
+    if scale == 1 or len(pixels) == 0:
+        return pixels
+    size = (w * scale, h * scale)
+    return np.stack(
+        [np.asarray(Image.fromarray(p).resize(size, Image.Resampling.BICUBIC)) for p in pixels]
+    )
 
 
 def upsample_map(heat: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:

@@ -76,7 +76,8 @@ def aggregate_ranking_activation_map(
 @torch.no_grad()
 def feature_maps(model: nn.Module, images: torch.Tensor, feature: str = "post_bn") -> torch.Tensor:
     """Per-branch test feature maps ``(N, B, d, h, w)`` in eval mode (``N = 1`` for
-    single-head models).
+    single-head models). A method may provide them itself with
+    ``ranking_feature_maps(images, feature)`` (SCR: its three branch maps).
 
     ``feature="post_bn"`` gives maps whose GAP is the post-BN test feature (CAMA's F^i;
     for a BNNeck baseline the eval BN applied per cell), ``"pre_bn"`` the raw maps.
@@ -84,6 +85,8 @@ def feature_maps(model: nn.Module, images: torch.Tensor, feature: str = "post_bn
     if feature not in ("post_bn", "pre_bn"):
         raise ValueError(f"feature must be 'post_bn' or 'pre_bn', got {feature!r}")
     with eval_mode(model):
+        if hasattr(model, "ranking_feature_maps"):  # methods with their own maps (SCR)
+            return model.ranking_feature_maps(images, feature)
         if hasattr(model, "forward_maps"):
             out = model.forward_maps(
                 images, torch.zeros(images.shape[0], dtype=torch.long, device=images.device)

@@ -136,8 +136,8 @@ def relation_maps(
             when the model has exactly one.
         positions: relative ``(y, x)`` positions in [0, 1] (ignored when ``cells`` given).
         cells: exact ``(row, col)`` cells of the block's grid.
-        forward: how to run the model (default ``model(images)``); it only has to reach
-            the block.
+        forward: how to run the model (default: ``model.encode({"images": images})`` for
+            a reidkit method, else ``model(images)``); it only has to reach the block.
 
     Returns:
         ``(maps (B, P, h, w) float32, cells)``; each map sums to 1 over the grid.
@@ -151,7 +151,12 @@ def relation_maps(
     handle = block.register_forward_pre_hook(hook)
     try:
         with eval_mode(model):
-            (forward or model)(images)
+            if forward is not None:
+                forward(images)
+            elif hasattr(model, "encode"):  # a reidkit method: batches are dicts
+                model.encode({"images": images})
+            else:
+                model(images)
     finally:
         handle.remove()
     if not captured:

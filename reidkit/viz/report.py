@@ -12,6 +12,9 @@ are what users inspect.
 
 Entry points: :func:`build_ranking_report` (model + records + distance matrix -> file)
 and the lower-level :func:`render_report_html` (rows of already-encoded images -> HTML).
+Extra per-image views (``extra_views``: e.g. Grad-CAM of a part or of the query-gallery
+similarity, :mod:`reidkit.viz.explain`) and extra page sections (``sections``: e.g.
+IANet's receptive fields) plug into both.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from reidkit.metrics.table import format_percent
 from reidkit.viz.ram import feature_maps, ranking_activation_map
 
 __all__ = [
+    "ExtraView",
     "ReportImage",
     "ReportRow",
     "jet",
@@ -53,6 +57,20 @@ IMAGE_VIEW = "image"
 AGGREGATE_VIEW = "aggregate"
 REGIONS_VIEW = "regions"
 KEYPOINT_REGIONS_VIEW = "keypoint_regions"
+
+
+@dataclass
+class ExtraView:
+    """An extra overlay of every image of a ranking row.
+
+    ``compute(batch, gallery)`` gets the row's images ``(1 + k, 3, H, W)`` (the query
+    first, then its ranked gallery images, on the model's device) and the gallery indices,
+    and returns maps ``(1 + k, h, w)`` in [0, 1].
+    """
+
+    key: str
+    label: str
+    compute: Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 
 
 @dataclass
@@ -398,14 +416,18 @@ def render_report_html(
     title: str = "reidkit ranking report",
     subtitle: str = "",
     default_view: str | None = None,
-    sections: Sequence[str] = (),
+    summary_blocks: Sequence[str] = (),
+    sections: Sequence[tuple[str, str]] = (),
+    legend: str = "maps: ranking activation maps (Eq. 10)",
 ) -> str:
     """The whole page as a string.
 
     ``views`` is a list of ``(key, label)`` pairs (every image must carry every key);
     ``metrics`` are shown as a table (values in [0, 1] are printed as %); ``cmc`` is the
-    CMC curve (fractions or %); ``sections`` are extra HTML blocks shown after the summary
-    (e.g. :func:`region_legend_html`).
+    CMC curve (fractions or %); ``summary_blocks`` are HTML blocks shown next to the
+    metrics (e.g. :func:`region_legend_html`); ``sections`` are ``(title, html)`` blocks
+    added after the ranking lists (the html is inserted as is); ``legend`` explains the
+    overlays.
     """
     if not views:
         raise ValueError("render_report_html: at least one view is needed")
@@ -435,14 +457,17 @@ def render_report_html(
         f"<h1>{html.escape(title)}</h1><div class='sub'>{html.escape(subtitle)}</div>"
         "<div class='summary'><div><h2>Metrics</h2>"
         f"<table class='metrics'>{metric_rows}</table></div>"
-        f"<div><h2>CMC</h2>{cmc_svg(cmc)}</div>{''.join(sections)}</div>"
+        f"<div><h2>CMC</h2>{cmc_svg(cmc)}</div>{''.join(summary_blocks)}</div>"
         f"<h2>Ranking lists ({len(rows)} queries, {n_fail} rank-1 misses)</h2>"
         "<div id='controls'>Overlay: <span id='view-buttons'></span> "
         "<label><input type='checkbox' id='only-failures'> only rank-1 misses</label>"
         " &nbsp;<small>border: <span style='color:#1a9641'>green</span> same identity, "
-        "<span style='color:#d7191c'>red</span> different; maps: ranking activation maps (Eq. 10)</small></div>"
+        f"<span style='color:#d7191c'>red</span> different; {html.escape(legend)}</small></div>"
         f"<div id='rows'>{''.join(body_rows)}</div>"
-        f"<script type='application/json' id='report-views'>{view_json}</script>"
+        + "".join(
+            f"<h2>{html.escape(t)}</h2><div class='section'>{body}</div>" for t, body in sections
+        )
+        + f"<script type='application/json' id='report-views'>{view_json}</script>"
         f"<script>{_JS}</script></body></html>"
     )
 
@@ -485,6 +510,8 @@ def build_ranking_report(
         [Sequence[int], Sequence[int]], tuple[torch.Tensor | None, torch.Tensor | None]
     ]
     | None = None,
+    extra_views: Sequence[ExtraView] = (),
+    sections: Sequence[tuple[str, str]] = (),
 ) -> Path:
     """Write the HTML report for a trained model.
 
@@ -506,6 +533,8 @@ def build_ranking_report(
             gets a "regions (predicted)" view (the seven boxes coloured by stage) and, with
             keypoints, a "regions (keypoints)" view of the keypoint boxes they are trained
             towards, plus a Regions section (legend, mean IoU over the shown images).
+        extra_views: more overlays per image (:class:`ExtraView`, e.g. Grad-CAM).
+        sections: ``(title, html)`` blocks appended to the page.
 
     Returns:
         The path written.
@@ -533,6 +562,12 @@ def build_ranking_report(
         branch_rams = ranking_activation_map(f_q, fmaps, normalize_query=True)  # (N, 1+k, h, w)
         aggregate = branch_rams[:n_test].mean(dim=0, keepdim=True)
         stack = torch.cat([aggregate, branch_rams]) if branch_rams.shape[0] > 1 else aggregate
+        for view in extra_views:
+            extra = view.compute(batch, gal).to(stack.device, stack.dtype)
+            extra = F.interpolate(
+                extra[None].float(), size=stack.shape[-2:], mode="bilinear", align_corners=False
+            )
+            stack = torch.cat([stack, extra.to(stack.dtype)])
         up = (
             F.interpolate(
                 stack.float(), size=batch.shape[-2:], mode="bilinear", align_corners=False
@@ -546,6 +581,7 @@ def build_ranking_report(
                 views += [
                     (f"branch{i + 1}", f"branch {i + 1}") for i in range(branch_rams.shape[0])
                 ]
+            views += [(v.key, v.label) for v in extra_views]
         pixels = _to_uint8_images(batch, mean, std)
         region_uris: dict[str, list[str]] = {}
         if regions is not None:
@@ -568,9 +604,20 @@ def build_ranking_report(
                 cap = f"#{j} · {_id_caption(int(gp[g]), int(gc[g]))}<br>d={float(dist[qi, g]):.3f}"
                 cells.append(ReportImage(uris, cap, "match" if match else "nonmatch"))
         rows.append(ReportRow(f"query {qi}", cells[0], cells[1:], failed))
-    sections = [regions.section()] if regions is not None else []
+    summary_blocks = [regions.section()] if regions is not None else []
+    legend = "maps: ranking activation maps (Eq. 10)"
+    if extra_views:
+        legend += "; " + ", ".join(v.label for v in extra_views)
     page = render_report_html(
-        rows, views or [], metrics, cmc, title=title, subtitle=subtitle, sections=sections
+        rows,
+        views or [],
+        metrics,
+        cmc,
+        title=title,
+        subtitle=subtitle,
+        summary_blocks=summary_blocks,
+        sections=sections,
+        legend=legend,
     )
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
