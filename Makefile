@@ -4,15 +4,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench gpu-check clean
 
+# Each step says what it installs (pip -q prints nothing for minutes otherwise).
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# exact torch first: the offline CPU build; a looser spec would pull CUDA wheels
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	touch $(STAMP)
+	@test -x $(BIN)/python || { echo "make: creating the virtual environment $(VENV)"; $(PY) -m venv $(VENV); }
+	@echo "make: [1/3] upgrading pip in $(VENV)"
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@# exact torch first: the offline CPU build; a looser spec would pull CUDA wheels
+	@echo "make: [2/3] installing torch==2.13.0 (CPU build; the longest step)"
+	@$(BIN)/python -m pip install -q torch==2.13.0
+	@echo "make: [3/3] installing reidkit (editable) and its dependencies with the dev extras (onnx, onnxruntime, faiss, scipy, h5py, pytest, ruff)"
+	@$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+	@echo "make: environment ready in $(VENV)"
 
 demo: $(STAMP)
 	$(BIN)/reidkit demo
@@ -30,6 +35,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
+
+# on a GPU machine: CUDA tests, AMP steps, training / loader benchmarks -> gpu_check.json
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

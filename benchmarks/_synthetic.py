@@ -157,3 +157,13 @@ def isolated(fn, *args):
 
     with mp.get_context("spawn").Pool(1) as pool:
         return pool.apply(fn, args)
+
+
+def busy_loop(core: int):
+    """Start a process spinning on ``core`` (another job on a shared machine); the caller
+    kills it (``proc.kill(); proc.wait()``)."""
+    import subprocess
+    import sys
+
+    code = f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True:\n    pass\n"
+    return subprocess.Popen([sys.executable, "-c", code])

@@ -279,6 +279,10 @@ def train(
 ) -> Run:
     """Train ``cfg`` (a Config or a YAML path) with :func:`reidkit.engine.train`.
 
+    A config on the synthetic set (``data.dataset: synth``) whose
+    ``<data.root>/synth-<preset>`` folder does not exist yet renders it first (seed 0,
+    said on stdout; :func:`reidkit.data.synth.ensure_synth`).
+
     Args:
         resume: continue ``<output_dir>/checkpoints/last.pt``.
         overwrite: start over in an ``output_dir`` that already holds a run.
@@ -288,10 +292,14 @@ def train(
     Returns:
         The :class:`Run` of ``cfg.output_dir``.
     """
+    from reidkit.data.synth import ensure_synth
     from reidkit.engine import train as engine_train
 
+    cfg = _as_config(cfg)
+    if not resume:
+        ensure_synth(cfg.data, progress=progress)  # synthetic configs: render the set once
     out = engine_train(
-        _as_config(cfg),
+        cfg,
         resume=resume,
         overwrite=overwrite,
         stop_after_epochs=stop_after_epochs,

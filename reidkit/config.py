@@ -70,6 +70,9 @@ class DataConfig(_Section):
     test_batch_size: int = Field(128, gt=0)
     num_workers: int = Field(2, ge=0)
     skip_corrupt: bool = False  # count and skip unreadable images instead of failing
+    # augmentation of whole batches on the training device (workers only decode): "auto" =
+    # on CUDA, where per-sample CPU transforms cannot keep up; same results for a seed
+    device_transforms: Literal["auto", "on", "off"] = "auto"
     keypoints: str | None = None  # COCO-17 keypoint file for every split (docs/keypoints.md)
     # video (tracklet) datasets: clips of seq_len frames (docs/video.md)
     seq_len: int = Field(4, ge=1)  # frames per training clip T
@@ -89,7 +92,9 @@ class DataConfig(_Section):
 # -------------------------------------------------------------------------- model
 class ModelConfig(_Section):
     name: str = "bot"  # method registry: `reidkit config --methods` lists them
-    backbone: str = "resnet50"
+    backbone: str = "resnet50"  # `reidkit.models.available_backbones()`, docs/backbones.md
+    # options of the backbone's factory, e.g. {stride: 12, img_size: [256, 128]} for a ViT
+    backbone_options: dict[str, Any] = Field(default_factory=dict)
     last_stride: int = Field(1, ge=1, le=2)
     pretrained: str | None = None  # local path to ImageNet weights (.pth or .safetensors)
     pooling: Literal["avg", "max", "gem"] = "avg"
@@ -254,7 +259,9 @@ def _read_yaml_tracked(
     try:
         raw = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(
+            f"{path}{_yaml_where(exc)}: not valid YAML: {_yaml_problem(exc)}"
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     bases = raw.pop("_base_", None)
@@ -272,6 +279,17 @@ def _read_yaml_tracked(
         origins.update(base_origins)
     origins.update(_leaf_origins(raw, str(path)))
     return _deep_merge(merged, raw), origins
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    text = ", ".join(str(p) for p in parts if p) or str(exc)
+    return " ".join(text.split())
 
 
 def _read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
@@ -350,14 +368,25 @@ def _explain(
             hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else ""
             line = f"unknown key '{key}'{hint}"
         else:
-            line = f"'{key}': {err['msg']} (got {err.get('input')!r})"
+            line = f"'{key}': {err['msg']} (got {err.get('input')!r})" + _value_hint(err, key)
         for n in range(len(loc), 0, -1):  # the file (or override) that set this key
             origin = (origins or {}).get(tuple(loc[:n]))
             if origin is not None:
                 line += f" [set in {origin}]"
                 break
         lines.append(line)
-    return ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines))
+    return ConfigError(f"{source}: invalid config: " + "; ".join(lines))
+
+
+def _value_hint(err: Any, key: str) -> str:
+    """How to write the value, for the mistakes people make on the command line."""
+    value = err.get("input")
+    if err["type"] == "list_type" and isinstance(value, str | int | float):
+        items = str(value).strip("()")
+        return f"; a list is written in brackets: {key}=[{items}]"
+    if err["type"] == "dict_type" and isinstance(value, str):
+        return f"; a mapping is written in braces, e.g. {key}={{layer2: [2, 3]}}"
+    return ""
 
 
 def config_from_dict(
@@ -500,6 +529,18 @@ def config_class(method: str) -> type[Config]:
     return _CONFIG_CLASSES[key]
 
 
+def _is_container_field(ann: Any) -> bool:
+    """True for config sections (pydantic models) and dict-valued fields."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return True
+    origin = get_origin(ann)
+    if origin is dict:
+        return True
+    if origin in (Union, UnionType):
+        return any(_is_container_field(a) for a in get_args(ann) if a is not type(None))
+    return False
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}': expected key=value, e.g. solver.lr=0.001")
@@ -507,6 +548,14 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override '{item}': empty key component in '{key.strip()}'")
+    for depth in range(1, len(parts)):
+        ann = _field_annotation(parts[:depth])
+        if ann is not None and not _is_container_field(ann):
+            prefix = ".".join(parts[:depth])
+            raise ConfigError(
+                f"override '{item}': '{prefix}' is a single value, not a section, so it has "
+                f"no key '{parts[depth]}'; write {prefix}=VALUE"
+            )
     if _is_text_field(_field_annotation(parts)):
         # text fields take the raw text: output_dir=2024, model.pretrained=on, ...
         text = text.strip()
@@ -518,7 +567,10 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = _yaml_load(text) if text != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{item}': value is not valid YAML: {exc}") from exc
+        raise ConfigError(
+            f"override '{item}': value is not valid YAML ({_yaml_problem(exc)}); quote text "
+            "or write lists as [a, b]"
+        ) from None
     return parts, value
 
 
@@ -566,29 +618,59 @@ def load_config(
 ) -> Config:
     """Load a YAML config (with ``_base_`` inheritance) and apply ``key=value`` overrides.
 
-    ``path=None`` starts from the defaults. Errors name the file and the offending key (and,
-    when it differs, the inherited file or the override that set it).
+    ``path=None`` starts from the defaults; a run folder stands for its ``config.yaml``.
+    Errors name the file and the offending key (and, when it differs, the inherited file or
+    the override that set it).
     """
     raw: dict = {}
     origins: dict[tuple[str, ...], str] = {}
     if path is not None:
-        raw, origins = _read_yaml_tracked(Path(path))
+        path = _config_file(Path(path))
+        raw, origins = _read_yaml_tracked(path)
+    before = raw
     raw = apply_overrides(raw, overrides)
     for item in overrides:
-        key = item.partition("=")[0].strip()
-        origins = {
-            k: v for k, v in origins.items() if k[: len(key.split("."))] != tuple(key.split("."))
-        }
-        origins[tuple(key.split("."))] = f"override {item}"
+        parts = tuple(item.partition("=")[0].strip().split("."))
+        origins = {k: v for k, v in origins.items() if k[: len(parts)] != parts}
+        # the override owns every level it created or replaced (``solver.foo.x=1`` creates
+        # ``solver.foo``): errors there name the override, not the file it started from
+        node: Any = before
+        for depth in range(1, len(parts) + 1):
+            node = node.get(parts[depth - 1]) if isinstance(node, dict) else None
+            if depth == len(parts) or not isinstance(node, dict):
+                for d in range(depth, len(parts) + 1):
+                    origins[parts[:d]] = f"override {item}"
+                break
     source = str(path) if path is not None else "<defaults>"
     if overrides:
         source += " (with overrides " + " ".join(overrides) + ")"
     return config_from_dict(raw, source, origins)
 
 
+def _config_file(path: Path) -> Path:
+    """``path``, or the ``config.yaml`` of a run folder given as ``path``."""
+    if path.is_dir():
+        if (path / "config.yaml").is_file():
+            return path / "config.yaml"
+        raise ConfigError(
+            f"config: {path} is a folder without config.yaml (pass a YAML config file or a "
+            "run folder)"
+        )
+    return path
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write the fully resolved config as YAML (the run folder's ``config.yaml``)."""
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    """Write the fully resolved config as YAML (the run folder's ``config.yaml``),
+    atomically: a crash mid-write leaves the previous file."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -160,10 +160,9 @@ def format_size(num_bytes: int) -> str:
 
 
 def _require(module: str) -> Any:
-    if importlib.util.find_spec(module) is None:
-        raise ImportError(
-            f"ONNX export needs '{module}': pip install 'reidkit[onnx]' (onnx, onnxruntime)"
-        )
+    from reidkit.errors import require_extra
+
+    require_extra("onnx", "ONNX export", modules=(module,))
     return importlib.import_module(module)
 
 

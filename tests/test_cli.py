@@ -69,8 +69,8 @@ def test_eval_bad_weights_path(trained_run, tmp_path, capsys):
     cfg = str(trained_run / "config.yaml")
     assert main(["eval", "-c", cfg, "--weights", str(tmp_path / "nope.pt")]) == 1
     assert "--weights: file not found" in capsys.readouterr().err
-    assert main(["eval", "-c", cfg, "--weights", str(trained_run)]) == 1
-    assert "best.pt" in capsys.readouterr().err
+    assert main(["eval", "-c", cfg, "--weights", str(tmp_path)]) == 1  # a folder, no run
+    assert "without checkpoints/best.pt" in capsys.readouterr().err
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     assert main(["eval", "-c", cfg, "--weights", str(junk)]) == 1
@@ -168,3 +168,5 @@ def test_demo_on_tiny_preset(tmp_path, capsys):
     assert (tmp_path / "data" / "synth-tiny" / "meta.json").is_file()
     assert "run folder:" in out and "mAP" in out
     assert (tmp_path / "demo" / "metrics.json").is_file()
+    report = tmp_path / "demo" / "report" / "report.html"
+    assert f"ranking report: {report.resolve()}" in out and report.stat().st_size > 10_000

@@ -244,7 +244,13 @@ def tiny_resnet(monkeypatch):
     ],
 )  # fmt: skip
 def test_real_methods_resume_exactly(data_root, tmp_path, tiny_resnet, name, extra):
-    over = {"model.name": name, "data.height": 64, "data.width": 32, "test.eval_period": 2}
+    over = {
+        "model.name": name,
+        "data.height": 32,
+        "data.width": 16,
+        "solver.iters_per_epoch": 2,
+        "test.eval_period": 2,
+    }
     state = _assert_resume_exact(
         lambda out: fake_config(data_root, out, **{**over, **extra}), tmp_path
     )

@@ -524,7 +524,18 @@ def test_corrupt_images_error_skip_and_verify(tmp_path):
     write_img(empty)
     garbage = base / "bounding_box_test" / "0003_c5s2_000001_01.jpg"
     garbage.write_bytes(b"\xff\xd8not really a jpeg at all")
-    ds = build_dataset("market1501", tmp_path)  # cheap check passes (non-empty file)
+    # the start-up check sees a JPEG without its end marker and decodes it: refused
+    with pytest.raises(
+        DatasetError, match=r"0003_c5s2_000001_01\.jpg: (not a recognised|corrupt|truncated)"
+    ):
+        build_dataset("market1501", tmp_path)
+    # damage inside a complete JPEG passes the start-up check; verify_images decodes it
+    write_img(garbage)
+    data = bytearray(garbage.read_bytes())
+    sos = data.index(b"\xff\xda")
+    data[sos + 2 : sos + 14] = b"\xff" * 12
+    garbage.write_bytes(bytes(data))
+    ds = build_dataset("market1501", tmp_path)
     assert len(ds.gallery) == 3
     with pytest.raises(DatasetError, match=r"0003_c5s2_000001_01\.jpg: (not a recognised|corrupt)"):
         build_dataset("market1501", tmp_path, verify_images=True, num_workers=2)

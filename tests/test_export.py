@@ -192,4 +192,4 @@ def test_cli_export(tmp_path, capsys):
         ["export", "-c", str(yaml), "--weights", str(tmp_path / "nope.pt"), "--out", str(out)]
     )
     err = capsys.readouterr().err
-    assert rc == 1 and "weights file not found" in err and "nope.pt" in err
+    assert rc == 1 and "--weights: file not found" in err and "nope.pt" in err

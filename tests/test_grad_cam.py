@@ -150,7 +150,8 @@ def _tiny_bot(num_classes: int = 5) -> nn.Module:
     with torch.no_grad():
         model.train()
         for s in range(3):
-            model(torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(s)))
+            x = torch.randn(4, 3, 64, 32, generator=torch.Generator().manual_seed(s))
+            model({"images": x})
         model.neck.classifier.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(7))
     return model.eval()
 
@@ -185,25 +186,29 @@ def test_grad_cam_on_reidkit_baseline_generalises_cam() -> None:
     assert maps.shape == (3, 4, 2) and float(maps.amax(dim=(1, 2)).min()) == pytest.approx(1.0)
 
 
+def _feat(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.encode({"images": x})["post_bn"]
+
+
 def test_pair_similarity_matches_separate_pairs() -> None:
     model = _tiny_bot()
     g = torch.Generator().manual_seed(5)
     q, gal = torch.randn(3, 3, 64, 32, generator=g), torch.randn(3, 3, 64, 32, generator=g)
     q_maps, g_maps, sims = pair_grad_cam(model, q, gal, "backbone.layer4")
     with torch.no_grad():
-        torch.testing.assert_close(sims, F.cosine_similarity(model(q), model(gal)))
+        torch.testing.assert_close(sims, F.cosine_similarity(_feat(model, q), _feat(model, gal)))
     for i in range(3):  # each pair alone: same maps (eval-mode BN does not mix images)
         qi, gi, si = pair_grad_cam(model, q[i : i + 1], gal[i : i + 1], "backbone.layer4")
         torch.testing.assert_close(qi[0], q_maps[i], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(gi[0], g_maps[i], rtol=1e-4, atol=1e-5)
     # explaining the gallery side against a fixed query feature gives the gallery maps
     with torch.no_grad():
-        ref = model(q[:1])
+        ref = _feat(model, q[:1])
     ref_maps = grad_cam(model, gal[:1], "backbone.layer4", similarity_to(ref[0]))
     torch.testing.assert_close(ref_maps[0], g_maps[0], rtol=1e-4, atol=1e-5)
     _, _, d = pair_grad_cam(model, q, gal, "backbone.layer4", metric="euclidean")
     with torch.no_grad():
-        torch.testing.assert_close(d, -(model(q) - model(gal)).norm(dim=1))
+        torch.testing.assert_close(d, -(_feat(model, q) - _feat(model, gal)).norm(dim=1))
 
 
 def test_map_overlap_hand_case_and_matrix() -> None:

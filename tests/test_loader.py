@@ -227,37 +227,76 @@ def test_errors_for_bad_loader_config(records):
         build_train_loader(make_cfg(batch_size=32, num_instances=4), records)
 
 
-@pytest.mark.parametrize("fill", ["mean", "zero"])
-def test_deferred_normalisation_matches_float_pipeline(records, fill):
-    cfg = make_cfg(random_erasing_p=0.7, random_erasing_fill=fill)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"random_erasing_p": 0.7, "random_erasing_fill": "mean"},
+        {"random_erasing_p": 0.7, "random_erasing_fill": "random", "color_jitter": 0.3},
+    ],
+)
+def test_device_transforms_give_the_per_sample_batches(records, overrides):
+    cfg = make_cfg(**overrides)
     ref = epoch_batches(build_train_loader(cfg, records), 2)
-    loader = build_train_loader(cfg, records, defer_normalize=True)
+    loader = build_train_loader(cfg, records, device_transforms=True)
     raw = epoch_batches(loader, 2)
-    erased = 0
+    assert len(raw) == len(ref) > 0
     for r, d in zip(ref, raw):
-        assert d["images"].dtype == torch.uint8 and d["erase_boxes"].shape == (8, 4)
-        erased += int((d["erase_boxes"][:, 2] > 0).sum())
+        # workers only decode: uint8 at the file's size, plus the drawn parameters
+        assert d["images"].dtype == torch.uint8 and d["images"].shape == (8, 3, 40, 20)
+        assert d["aug"].shape[0] == 8
         out = loader.prepare(d, "cpu")
-        assert "erase_boxes" not in out and out["images"].dtype == torch.float32
-        assert torch.allclose(out["images"], r["images"], atol=1e-6)
-        assert torch.equal(out["keypoints"], r["keypoints"]) and torch.equal(
-            out["index"], r["index"]
-        )
-    assert erased > 0
+        assert "aug" not in out and "erase_noise" not in out
+        assert out["images"].shape == (8, 3, H, W) and out["images"].dtype == torch.float32
+        assert torch.allclose(out["images"], r["images"], atol=1e-5, rtol=0)
+        for key in ("keypoints", "index", "pids", "camids"):
+            assert torch.equal(out[key], r[key])
+        assert out["paths"] == r["paths"]
     # float loaders: prepare only moves tensors
     b = ref[0]
     assert torch.equal(build_train_loader(cfg, records).prepare(b, "cpu")["images"], b["images"])
-    t = next(iter(build_test_loader(cfg, records, defer_normalize=True)))
-    tref = next(iter(build_test_loader(cfg, records)))
-    assert t["images"].dtype == torch.uint8
-    prepared = build_test_loader(cfg, records, defer_normalize=True).prepare(t, "cpu")
-    assert torch.allclose(prepared["images"], tref["images"], atol=1e-6)
 
 
-def test_split_deferred_rejects_other_pipelines(records):
+def test_device_transforms_test_loader_and_mixed_sizes(records, tmp_path):
+    cfg = make_cfg()
+    tref = list(build_test_loader(cfg, records))
+    loader = build_test_loader(cfg, records, device_transforms=True)
+    got = [loader.prepare(b, "cpu") for b in loader]
+    assert torch.equal(
+        torch.cat([b["images"] for b in got]), torch.cat([b["images"] for b in tref])
+    )
+    # images of different sizes travel as a list and are resized group by group
+    odd = tmp_path / "odd.png"
+    Image.fromarray(np.zeros((30, 12, 3), np.uint8)).save(odd)
+    # (the odd image carries keypoints too: a batch has them for every item or none)
+    kp = [[1.0, 1.0, 2.0]] * 17
+    recs = [*records[:3], ImageRecord(str(odd), 0, 0, {"keypoints": kp})]
+    mixed = build_test_loader(cfg, recs, device_transforms=True)
+    batch = next(iter(mixed))
+    assert isinstance(batch["images"], list) and batch["images"][3].shape == (3, 30, 12)
+    out = mixed.prepare(batch, "cpu")["images"]
+    expected = next(iter(build_test_loader(cfg, recs)))["images"]
+    assert out.shape == (4, 3, H, W) and torch.equal(out, expected)
+
+
+def test_device_transforms_reject_other_pipelines(records):
     from reidkit.data.transforms import Compose, RandomHorizontalFlip, Resize
 
     with pytest.raises(ValueError, match="ending in Normalize"):
         ImageDataset(
-            records, Compose([Resize((H, W)), RandomHorizontalFlip()]), defer_normalize=True
+            records, Compose([Resize((H, W)), RandomHorizontalFlip()]), device_transforms=True
         )
+
+
+def test_device_transforms_batch_of_skipped_images(records, tmp_path):
+    from reidkit.data.loader import collate_device_batch
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    loader = build_test_loader(
+        make_cfg(skip_corrupt=True), [ImageRecord(str(bad), 0, 0, {})], device_transforms=True
+    )
+    with pytest.warns(RuntimeWarning, match="broken.jpg"):
+        batch = next(iter(loader))
+    out = loader.prepare(batch, "cpu")
+    assert out["images"].shape == (0, 3, H, W) and out["pids"].numel() == 0
+    assert collate_device_batch([None])["aug"].shape[0] == 0

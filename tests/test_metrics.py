@@ -359,3 +359,37 @@ def test_non_contiguous_and_half_inputs():
     assert r.mAP == pytest.approx(expected[1], abs=1e-12)
     h = evaluate_rank(d.T.half(), qp, gp)  # half precision is evaluated in float32
     assert 0.0 < h.mAP <= 1.0
+
+
+@pytest.mark.parametrize("dense_frac", [-1.0, 2.0])  # every item bucketed / candidates only
+@pytest.mark.parametrize("ties", [False, True])
+def test_bucketed_counting_on_a_wide_gallery_matches_naive(dense_frac, ties, monkeypatch):
+    """A gallery wide enough for many buckets per row, with many true matches per query
+    (several share a bucket), pid -1 junk, same-camera junk and (optionally) heavy ties."""
+    rng = np.random.default_rng(7)
+    nq, ng = 24, 3000
+    qp = rng.integers(1, 6, nq)
+    gp = np.concatenate([rng.integers(1, 6, 2400), np.zeros(300, int), -np.ones(300, int)])
+    qc, gc = rng.integers(0, 3, nq), rng.integers(0, 3, ng)
+    d = rng.random((nq, ng)) * np.where(gp[None, :] == qp[:, None], 0.7, 1.0)
+    if ties:
+        d = np.round(d * 40) / 40  # ~40 distinct values: ties inside and across buckets
+    d = d.astype(np.float32)
+    monkeypatch.setattr(rank_mod, "_DENSE_FRACTION", dense_frac)
+    for ignore in ((), (-1,)):
+        expected = ref.naive_eval(d, qp, gp, qc, gc, max_rank=50, ignore_gallery_pids=ignore)
+        r = evaluate_rank(d, qp, gp, qc, gc, ignore_gallery_pids=ignore, chunk_size=7)
+        np.testing.assert_allclose(r.cmc, expected[0], atol=1e-12)
+        np.testing.assert_allclose(r.all_AP, expected[3], atol=1e-12)
+        assert r.mINP == pytest.approx(expected[2], abs=1e-12)
+
+
+def test_accumulator_state_is_unchanged_by_a_rejected_block():
+    acc = RankAccumulator([1, 2, 3], [0, 0, 0])
+    bad = np.ones((2, 3))
+    bad[1, 1] = np.nan
+    with pytest.raises(ValueError, match="query 1, gallery 1"):
+        acc.update(bad, [1, 2], [1, 1])
+    acc.update(np.array([[0.1, 0.2, 0.3]]), [2], [1])
+    r = acc.result()
+    assert r.num_query == 1 and r.mAP == pytest.approx(0.5)

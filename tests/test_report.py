@@ -142,6 +142,12 @@ def test_report_html_structure(report_path: Path) -> None:
         "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
     )
     assert "<svg class='cmc'" in page and "rank-1 miss" in page
+    # cameras are 1-based as in the file names (query camid 0 is c1; gallery 1, 2 are c2, c3)
+    assert "<span class='nw'>cam 1</span>" in page and "cam 0" not in page
+    assert "<span class='nw'>cam 3</span>" in page and "<span class='nw'>pid " in page
+    assert ".cap .nw{white-space:nowrap}" in page  # "cam" and its number stay together
+    # percentages: two decimals rounded half up, as in the CLI table (62.5 -> 62.50)
+    assert "<td>62.50%</td>" in page and "<td>50.00%</td>" in page
 
 
 def _chromium() -> str | None:

@@ -179,3 +179,19 @@ def test_evaluate_features_with_rerank_equals_dense_pipeline():
     )
     np.testing.assert_allclose(r.cmc, expected.cmc)
     assert r.mAP == pytest.approx(expected.mAP, abs=1e-6)
+
+
+def test_inputs_are_not_modified_and_blocks_do_not_matter(monkeypatch):
+    qf, gf, _, _ = _features(20, 70, 8, seed=5)
+    qg, qq, gg = (x.astype(np.float32) for x in _dists(qf, gf))
+    copies = [x.copy() for x in (qg, qq, gg)]
+    out = re_ranking(qg, qq, gg)
+    for x, c in zip((qg, qq, gg), copies):
+        np.testing.assert_array_equal(x, c)
+    t = torch.from_numpy(qg)
+    re_ranking(t, torch.from_numpy(qq), torch.from_numpy(gg))
+    np.testing.assert_array_equal(t.numpy(), copies[0])
+    # row blocks and transposed tiles of any size give the same result
+    monkeypatch.setattr(rr, "_BLOCK_ELEMENTS", 3 * 90)
+    monkeypatch.setattr(rr, "_TILE", 7)
+    np.testing.assert_array_equal(re_ranking(qg, qq, gg), out)

@@ -115,6 +115,24 @@ def test_regions_to_mask_and_pool_match_loops():
         torch.testing.assert_close(pooled[:, i], fmap[:, :, a:b].mean(dim=(2, 3)))
 
 
+@pytest.mark.parametrize("rows,height", [(4, 64), (8, 128), (16, 256), (5, 37), (3, 3)])
+def test_pixel_aligned_region_pool_matches_upsampled_average(rows, height):
+    # the aligned pooling equals averaging the map upsampled to pixel rows (nearest,
+    # each map row repeated over the pixels it covers) over each pixel region
+    g = torch.Generator().manual_seed(0)
+    fmap = torch.randn(2, 4, rows, 3, generator=g, dtype=DT)
+    pooled = region_pool(fmap, 3, image_height=height)
+    steps = 1000  # sub-pixel grid so fractional spans are exact enough
+    fine = fmap.repeat_interleave(steps, dim=2)  # rows * steps sub-rows
+    for i, (a, b) in enumerate(region_bounds(height, 3)):
+        lo, hi = round(a * rows * steps / height), round(b * rows * steps / height)
+        want = fine[:, :, lo:hi].mean(dim=(2, 3))
+        torch.testing.assert_close(pooled[:, i], want, atol=2e-3, rtol=0)
+    # when the map rows align with the pixel regions, both poolings agree
+    aligned = torch.randn(1, 2, 6, 2, generator=g, dtype=DT)
+    torch.testing.assert_close(region_pool(aligned, 3, image_height=12), region_pool(aligned, 3))
+
+
 def test_random_region_masks_are_seeded_and_region_shaped():
     m1, f1 = random_region_masks(200, 64, 32, num_regions=3, max_masked=2, generator=7)
     m2, f2 = random_region_masks(200, 64, 32, num_regions=3, max_masked=2, generator=7)

@@ -12,6 +12,7 @@ The module name starts with an underscore and has no ``add_parser``, so
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,11 +25,17 @@ __all__ = [
     "add_config_arguments",
     "add_debug_argument",
     "add_num_classes_argument",
+    "check_output",
+    "note_skipped_images",
     "load_config_from_args",
     "resolve_weights_file",
+    "weights_from_args",
 ]
 
-WEIGHTS_HELP = "checkpoint (.pt) or weights (.pth/.safetensors)"
+WEIGHTS_HELP = (
+    "checkpoint (.pt), weights (.pth/.safetensors) or run folder (its best.pt, else last.pt); "
+    "default: the run folder given as -c"
+)
 
 
 def add_command_parser(
@@ -55,12 +62,14 @@ def add_config_arguments(
     ``weights=True``, a required ``--weights`` option.
 
     The parsed namespace has ``config`` (str), ``overrides`` (list of str) and, with
-    ``weights``, ``weights`` (str); :func:`load_config_from_args` reads the first two.
+    ``weights``, ``weights`` (str or None); :func:`load_config_from_args` reads the first
+    two and :func:`weights_from_args` the weights (a run folder given as ``-c`` provides
+    them when ``--weights`` is left out).
     """
-    parser.add_argument("-c", "--config", required=True, help=config_help)
+    parser.add_argument("-c", "--config", required=True, help=config_help + " or run folder")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     if weights:
-        parser.add_argument("--weights", required=True, help=weights_help)
+        parser.add_argument("--weights", default=None, help=weights_help)
 
 
 def add_num_classes_argument(
@@ -96,10 +105,70 @@ def load_config_from_args(
 
 
 def resolve_weights_file(weights: str | Path, option: str = "--weights") -> Path:
-    """``weights`` as a :class:`~pathlib.Path`, or ``FileNotFoundError`` naming ``option``
-    when it is not a file (with a hint when it is a folder, e.g. a run folder)."""
+    """The weights file ``weights`` names: a file as it is, a run folder's
+    ``checkpoints/best.pt`` (else ``last.pt``); ``FileNotFoundError`` naming ``option``."""
+    from reidkit.engine.checkpoint import resolve_weights
+
     path = Path(weights)
-    if not path.is_file():
-        hint = " (a folder; pass e.g. checkpoints/best.pt inside it)" if path.is_dir() else ""
-        raise FileNotFoundError(f"{option}: file not found: {path}{hint}")
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{option}: file not found: {path} (expected a checkpoint .pt, a .pth / "
+            ".safetensors weights file or a run folder)"
+        )
+    try:
+        return resolve_weights(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{option}: {exc}") from None
+
+
+def weights_from_args(args: argparse.Namespace, option: str = "--weights") -> Path:
+    """The weights of ``--weights`` (file or run folder) or, without it, of the run folder
+    given as ``-c``; prints which checkpoint is used (``weights: PATH (...)``)."""
+    given = getattr(args, "weights", None)
+    if given is None:
+        config = Path(args.config)
+        if not config.is_dir():
+            raise ValueError(
+                f"{option} is required when -c is a YAML file ({config}); pass {option} "
+                "CHECKPOINT or a run folder, or give the run folder as -c"
+            )
+        given = config
+    path = resolve_weights_file(given, option)
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        print(f"weights: {path}{_weights_note(Path(given), path)}", flush=True)
     return path
+
+
+def _weights_note(given: Path, path: Path) -> str:
+    if not given.is_dir():
+        return ""
+    if path.name == "best.pt":
+        return f" (best mAP checkpoint of {given})"
+    return f" (last checkpoint of {given}: it has no best.pt yet)"
+
+
+def check_output(out: str | Path, option: str, *inputs: str | Path | None) -> None:
+    """Refuse an output path that is one of the command's input files (outputs never
+    overwrite inputs): ``ValueError`` naming ``option``."""
+    target = Path(out).expanduser().resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        path = Path(item).expanduser().resolve()
+        if path.is_dir() and (path / "config.yaml").is_file():
+            path = path / "config.yaml"
+        if target == path:
+            raise ValueError(
+                f"{option} {out} is an input of this command ({item}); choose another "
+                "output path (outputs never overwrite inputs)"
+            )
+
+
+def note_skipped_images(dataset) -> None:
+    """Say how many unreadable images ``data.skip_corrupt`` left out of ``dataset``."""
+    skipped = getattr(dataset, "skipped", None) or []
+    if skipped:
+        print(
+            f"data.skip_corrupt: {len(skipped)} unreadable image(s) left out of "
+            f"{dataset.name} (first: {skipped[0].path}: {skipped[0].reason})"
+        )

@@ -15,6 +15,9 @@ import argparse
 
 
 def _run_cge(args: argparse.Namespace) -> int:
+    from reidkit.errors import require_extra
+
+    require_extra("plot", "reidkit analyze cge (its figures)")  # before the analysis runs
     from reidkit.analysis.cge import LEVEL_NAMES, analyze_runs
 
     device = args.device

@@ -52,7 +52,7 @@ def _print_result(result, dataset, args: argparse.Namespace) -> None:
         "re-ranked" if result.rerank else "",
         f"occluded p={args.occlude:g}" if args.occlude else "",
     ]
-    title = " ".join([dataset.name, *[t for t in tags if t]])
+    title = " ".join([result.label(), *[t for t in tags if t]])
     print(result.table(title=title))
 
 
@@ -132,13 +132,18 @@ def run(args: argparse.Namespace) -> int:
     if args.all_splits or args.splits is not None:
         return _run_splits(args)
     cfg = _load(args)
-    weights = _common.resolve_weights_file(args.weights)
+    weights = _common.weights_from_args(args)
+    if args.json:
+        _common.check_output(args.json, "--json", weights, args.config)
     info, device = dist_utils.init_from_env(cfg.device)
     ok = False
     try:
+        # the weights first: a wrong file is reported before the dataset is read
+        model = load_model(cfg, weights, num_classes=args.num_classes, device=device)
         dataset = dataset_from_config(cfg.data)
         _check_video_only(args, dataset)
-        model = load_model(cfg, weights, num_classes=args.num_classes, device=device)
+        if info.is_main:
+            _common.note_skipped_images(dataset)
         if cfg.channels_last:
             model.to(memory_format=__import__("torch").channels_last)
         result = evaluate_model(

@@ -17,11 +17,16 @@ import argparse
 import sys
 
 from reidkit.commands import _common
+from reidkit.errors import one_line
 
 __all__ = ["add_parser", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
+    from reidkit.errors import require_extra
+
+    # before any work: onnx writes the file, onnxruntime checks it
+    require_extra("onnx", "reidkit export", modules=("onnx",) if args.no_verify else None)
     import torch
 
     from reidkit.export import ONNXMismatchError, export_from_config
@@ -29,10 +34,12 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = _common.load_config_from_args(args)
+    weights = _common.weights_from_args(args)
+    _common.check_output(args.out, "--out", weights, args.config)
     try:
         result = export_from_config(
             cfg,
-            args.weights,
+            weights,
             args.out,
             opset=args.opset,
             dynamic_batch=args.dynamic_batch,
@@ -43,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
             num_classes=args.num_classes,
         )
     except (ONNXMismatchError, ImportError) as exc:
-        print(f"reidkit export: error: {exc}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"reidkit export: error: {one_line(exc)}", file=sys.stderr)
         return 1
     print(result.summary())
     if result.opset != args.opset:
@@ -61,7 +70,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p,
         weights=True,
         config_help="YAML config of the model",
-        weights_help="checkpoint (.pt), weights (.pth/.safetensors) or run folder",
     )
     p.add_argument("--out", required=True, help="output .onnx file")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")

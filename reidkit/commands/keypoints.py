@@ -37,6 +37,9 @@ def _image_key(path: str, dataset_dir: str) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from reidkit.errors import require_extra
+
+    require_extra("onnx", "reidkit keypoints (the ONNX pose model)", modules=("onnxruntime",))
     from reidkit.commands.datasets import _parse_options
     from reidkit.data.datasets import build_dataset
     from reidkit.data.keypoints import write_json_atomic

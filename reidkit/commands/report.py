@@ -17,10 +17,25 @@ from pathlib import Path
 
 from reidkit.commands import _common
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "write_report"]
 
 
-def run(args: argparse.Namespace) -> int:
+def write_report(
+    cfg,
+    weights: str | Path,
+    out_dir: str | Path,
+    *,
+    num_queries: int = 12,
+    topk: int = 10,
+    failure_fraction: float = 0.5,
+    seed: int = 0,
+    device: str | None = None,
+    num_classes: int | None = None,
+    progress: bool = True,
+    print_table: bool = True,
+) -> Path:
+    """Evaluate ``weights`` on ``cfg``'s query / gallery split and write
+    ``out_dir/report.html``; returns its path (the body of ``reidkit report``)."""
     import torch
 
     from reidkit.data.datasets import dataset_from_config
@@ -30,13 +45,13 @@ def run(args: argparse.Namespace) -> int:
     from reidkit.engine.evaluator import result_distances
     from reidkit.viz.report import build_ranking_report
 
-    if args.queries < 1 or args.topk < 1:
-        raise ValueError(f"--queries and --topk must be >= 1 (got {args.queries}, {args.topk})")
-    if not 0.0 <= args.failure_fraction <= 1.0:
-        raise ValueError(f"--failure-fraction must be in [0, 1], got {args.failure_fraction}")
-    cfg = _common.load_config_from_args(args)
-    weights = _common.resolve_weights_file(args.weights)
-    device = resolve_device(args.device or cfg.device, 0)
+    if num_queries < 1 or topk < 1:
+        raise ValueError(f"--queries and --topk must be >= 1 (got {num_queries}, {topk})")
+    if not 0.0 <= failure_fraction <= 1.0:
+        raise ValueError(f"--failure-fraction must be in [0, 1], got {failure_fraction}")
+    dev = resolve_device(device or cfg.device, 0)
+    # the weights first: a wrong file is reported before the dataset is read
+    model = load_model(cfg, weights, num_classes=num_classes, device=dev)
     dataset = dataset_from_config(cfg.data)
     from reidkit.engine.video_eval import is_video_dataset
 
@@ -45,13 +60,14 @@ def run(args: argparse.Namespace) -> int:
             f"reidkit report shows image rankings; '{dataset.name}' is a video (tracklet) "
             "dataset: use reidkit eval --mode all (and --save-features) for it"
         )
-    model = load_model(cfg, weights, num_classes=args.num_classes, device=device)
-    result = evaluate_model(cfg, model, dataset, device, progress=not args.no_progress)
+    _common.note_skipped_images(dataset)
+    result = evaluate_model(cfg, model, dataset, dev, progress=progress)
     q, g = result.query, result.gallery
     distmat = result_distances(cfg, model, result)
-    for note in result.notes:
-        print(note)
-    print(result.table(title=f"{dataset.name}"))
+    if print_table:
+        for note in result.notes:
+            print(note)
+        print(result.table())
 
     # single-process loading of the few images of each ranking row
     row_cfg = cfg.model_copy(deep=True)
@@ -69,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if "branch_overlap" in result.metrics:
         overlap = result.metrics["branch_overlap"]
         subtitle += f" · branch overlap (mean top-k CAM IoU, first queries) {overlap:.3f}"
-    out = Path(args.out) / "report.html"
+    out = Path(out_dir) / "report.html"
     build_ranking_report(
         model,
         load_images,
@@ -81,16 +97,34 @@ def run(args: argparse.Namespace) -> int:
         metrics=result.metrics,
         cmc=result.cmc.tolist(),
         out_path=out,
-        num_queries=args.queries,
-        topk=args.topk,
-        failure_fraction=args.failure_fraction,
+        num_queries=num_queries,
+        topk=topk,
+        failure_fraction=failure_fraction,
         feature=cfg.test.feature,
         mean=cfg.data.mean,
         std=cfg.data.std,
-        device=device,
-        seed=args.seed,
+        device=dev,
+        seed=seed,
         title=f"{cfg.model.name} on {dataset.name}: ranking report",
         subtitle=subtitle,
+    )
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = _common.load_config_from_args(args)
+    weights = _common.weights_from_args(args)
+    out = write_report(
+        cfg,
+        weights,
+        args.out,
+        num_queries=args.queries,
+        topk=args.topk,
+        failure_fraction=args.failure_fraction,
+        seed=args.seed,
+        device=args.device,
+        num_classes=args.num_classes,
+        progress=not args.no_progress,
     )
     print(f"report: {out}")
     return 0

@@ -20,6 +20,7 @@ import argparse
 import sys
 
 from reidkit.commands import _common
+from reidkit.errors import one_line
 
 __all__ = ["add_parser", "run"]
 
@@ -70,9 +71,12 @@ def _run_splits(args: argparse.Namespace, cfg) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reidkit.data.synth import ensure_synth
     from reidkit.engine import NonFiniteLossError, train
 
     cfg = _common.load_config_from_args(args)
+    if not args.resume:
+        ensure_synth(cfg.data, progress=not args.no_progress)  # the synthetic set, once
     if args.all_splits or args.splits is not None:
         if args.stop_after is not None:
             raise ValueError("--stop-after applies to one run, not to --all-splits")
@@ -90,8 +94,19 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except NonFiniteLossError as exc:
-        print(f"reidkit train: stopped: {exc}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"reidkit train: stopped: {one_line(exc)}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(
+            f"reidkit train: interrupted; the checkpoints in {cfg.output_dir}/checkpoints are "
+            "intact: continue with --resume",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

@@ -28,6 +28,8 @@ _EXPORTS: dict[str, str] = {
     "COCO_FLIP_INDEX": "transforms",
     "build_train_transforms": "transforms",
     "build_test_transforms": "transforms",
+    "BatchTransform": "batch_transforms",
+    "decode_image": "decode",
     # samplers
     "PKSampler": "samplers",
     "ShuffleSampler": "samplers",
@@ -36,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "CorruptImageError": "loader",
     "ReIDDataLoader": "loader",
     "collate_reid": "loader",
+    "collate_device_batch": "loader",
     "build_train_loader": "loader",
     "build_test_loader": "loader",
     # clips (video)

@@ -50,7 +50,6 @@ from .loader import (
     SeededSampler,
     _data_cfg_and_seed,
     sample_seed,
-    split_deferred,
     worker_init_fn,
 )
 from .records import TrackletRecord
@@ -231,6 +230,24 @@ class ClipTransform:
 
 
 # ----------------------------------------------------------------------- dataset
+def split_deferred(
+    transform: Transform | None,
+) -> tuple[list[Transform], Normalize, RandomErasing | None]:
+    """Split a pipeline ``[..., Normalize, (RandomErasing)]`` into the part run per sample in
+    the workers (uint8 output), the ``Normalize`` and the optional ``RandomErasing`` that
+    :meth:`ReIDDataLoader.prepare` applies to the whole batch (on the training device)."""
+    steps = transform.transforms if isinstance(transform, Compose) else []
+    norm_at = [i for i, t in enumerate(steps) if isinstance(t, Normalize)]
+    tail = steps[norm_at[0] + 1 :] if norm_at else []
+    if len(norm_at) != 1 or len(tail) > 1 or (tail and not isinstance(tail[0], RandomErasing)):
+        raise ValueError(
+            "defer_normalize needs a Compose ending in Normalize or Normalize + RandomErasing, got "
+            f"{transform!r}"
+        )
+    erasing = tail[0] if tail else None
+    return list(steps[: norm_at[0]]), steps[norm_at[0]], erasing  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class ClipOptions:
     """How clips are cut from tracklets.

@@ -129,7 +129,7 @@ def _load_json(path: Path, what: str) -> Any:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise KeypointFileError(f"cannot read {what} {path}: {exc}") from exc
+        raise KeypointFileError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as exc:

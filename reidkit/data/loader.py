@@ -4,6 +4,16 @@ A batch is ``{"images": (B, 3, H, W) float32, "pids": (B,) int64, "camids": (B,)
 "paths": list[str], "index": (B,) int64}`` plus ``"keypoints": (B, 17, 3) float32`` when
 every record of the batch has ``extras["keypoints"]``.
 
+Two ways to run the transforms:
+
+- per sample in the loader workers (default): batches arrive ready;
+- ``device_transforms=True``: the workers only decode files to uint8 and draw each
+  sample's random decisions; ``loader.prepare(batch, device)`` then runs the whole
+  pipeline batched on the training device (:mod:`reidkit.data.batch_transforms`), with
+  the same per-sample seeds, so the images are the same as the per-sample path's.
+  Batches hold ``"images"`` uint8 ``(B, 3, h, w)`` (or a list when sizes differ) and
+  ``"aug"`` ``(B, NUM_PARAMS)`` float64 until :meth:`ReIDDataLoader.prepare`.
+
 Reproducibility: the training sampler hands each dataset index together with a per-sample
 seed derived from ``(seed, epoch, global position in the epoch)``; the dataset builds a
 ``torch.Generator`` from it for the transforms. Augmentation therefore depends on neither
@@ -23,17 +33,24 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, get_worker_info
 
+from reidkit.errors import UserError
+
+from .batch_transforms import BatchTransform
+from .decode import DecodeError, decode_image
 from .records import ImageRecord
 from .samplers import PKSampler, ShuffleSampler
 from .transforms import (
+    ColorJitter,
     Compose,
     Normalize,
     RandomErasing,
+    RandomHorizontalFlip,
+    RandomPadCrop,
+    Resize,
+    ToTensor,
     Transform,
     build_test_transforms,
     build_train_transforms,
-    image_size,
-    to_uint8_tensor,
 )
 
 __all__ = [
@@ -45,7 +62,7 @@ __all__ = [
     "SeededSampler",
     "ReIDDataLoader",
     "collate_reid",
-    "split_deferred",
+    "collate_device_batch",
     "sample_seed",
     "worker_init_fn",
     "build_train_loader",
@@ -55,7 +72,7 @@ __all__ = [
 _MASK64 = (1 << 64) - 1
 
 
-class CorruptImageError(RuntimeError):
+class CorruptImageError(UserError, RuntimeError):
     """An image file could not be read; the message names the file."""
 
 
@@ -99,6 +116,11 @@ class ImageDataset(Dataset):
     The transform receives a ``torch.Generator`` seeded with ``seed`` (or, for a plain index,
     with ``sample_seed(base_seed, 0, i)``).
 
+    With ``device_transforms=True`` the item instead holds the decoded ``"image"`` (uint8
+    ``(3, h, w)``), the sample's drawn parameters ``"aug"`` (``(NUM_PARAMS,)`` float64),
+    the moved keypoints and, for ``fill="random"`` erasing, ``"erase_noise"``;
+    :attr:`batch_transform` turns a batch of them into what the per-sample path gives.
+
     Unreadable images raise :class:`CorruptImageError` naming the file, or, with
     ``skip_corrupt=True``, emit a warning, count it in ``num_skipped`` (of this process) and
     return ``None``, which :func:`collate_reid` drops from the batch.
@@ -110,19 +132,26 @@ class ImageDataset(Dataset):
         transform: Transform | None,
         skip_corrupt: bool = False,
         base_seed: int = 0,
-        defer_normalize: bool = False,
+        device_transforms: bool = False,
     ) -> None:
         self.records = list(records)
         self.transform = transform
         self.skip_corrupt = bool(skip_corrupt)
         self.base_seed = int(base_seed)
         self.num_skipped = 0
-        self.defer_normalize = bool(defer_normalize)
-        self.head: list[Transform] = []
-        self.normalize: Normalize | None = None
-        self.erasing: RandomErasing | None = None
-        if self.defer_normalize:
-            self.head, self.normalize, self.erasing = split_deferred(transform)
+        self.batch_transform: BatchTransform | None = (
+            BatchTransform(transform) if device_transforms else None
+        )
+        # reidkit's own transforms take uint8 tensors: decode straight to one (faster)
+        steps = transform.transforms if isinstance(transform, Compose) else [transform]
+        self._tensor_input = all(
+            isinstance(t, _TENSOR_TRANSFORMS) and not getattr(t, "keep_pil", False) for t in steps
+        )
+
+    @property
+    def device_transforms(self) -> bool:
+        """True when the transforms run batched in :meth:`ReIDDataLoader.prepare`."""
+        return self.batch_transform is not None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -153,6 +182,14 @@ class ImageDataset(Dataset):
                 f"{path}: cannot read image ({type(exc).__name__}: {exc})"
             ) from exc
 
+    def _decode(self, path: str) -> Any:
+        if self.batch_transform is not None or self._tensor_input:
+            try:
+                return decode_image(path)
+            except DecodeError as exc:
+                raise CorruptImageError(str(exc)) from exc
+        return self.read_image(path)
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
         if isinstance(key, tuple):
             index, seed = int(key[0]), int(key[1])
@@ -161,7 +198,7 @@ class ImageDataset(Dataset):
             seed = sample_seed(self.base_seed, 0, index)
         record = self.records[index]
         try:
-            img: Any = self.read_image(record.path)
+            img: Any = self._decode(record.path)
         except CorruptImageError as exc:
             if not self.skip_corrupt:
                 raise CorruptImageError(
@@ -171,20 +208,15 @@ class ImageDataset(Dataset):
             warnings.warn(f"skipping unreadable image {record.path}", RuntimeWarning, stacklevel=2)
             return None
         keypoints = _read_keypoints(record)
-        erase_box = None
-        if self.defer_normalize:
+        extra: dict[str, Tensor] = {}
+        if self.batch_transform is not None:
             gen = torch.Generator().manual_seed(seed)
-            if keypoints is not None:
-                keypoints = keypoints.clone()
-            for t in self.head:
-                img, keypoints = t.apply(img, keypoints, gen)
-            img = to_uint8_tensor(img)
-            if img.is_floating_point():  # e.g. after ColorJitter: back to [0, 255]
-                img = img.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
-            box = (
-                self.erasing.sample_box(*image_size(img), gen) if self.erasing is not None else None
+            params, keypoints, noise = self.batch_transform.sample(
+                (int(img.shape[-2]), int(img.shape[-1])), keypoints, gen
             )
-            erase_box = torch.tensor(box if box is not None else (0, 0, 0, 0), dtype=torch.long)
+            extra["aug"] = params
+            if noise is not None:
+                extra["erase_noise"] = noise
         elif self.transform is not None:
             gen = torch.Generator().manual_seed(seed)
             img, keypoints = self.transform.apply(img, keypoints, gen)
@@ -202,27 +234,20 @@ class ImageDataset(Dataset):
         }
         if keypoints is not None:
             item["keypoints"] = keypoints
-        if erase_box is not None:
-            item["erase_box"] = erase_box
+        item.update(extra)
         return item
 
 
-def split_deferred(
-    transform: Transform | None,
-) -> tuple[list[Transform], Normalize, RandomErasing | None]:
-    """Split a pipeline ``[..., Normalize, (RandomErasing)]`` into the part run per sample in
-    the workers (uint8 output), the ``Normalize`` and the optional ``RandomErasing`` that
-    :meth:`ReIDDataLoader.prepare` applies to the whole batch (on the training device)."""
-    steps = transform.transforms if isinstance(transform, Compose) else []
-    norm_at = [i for i, t in enumerate(steps) if isinstance(t, Normalize)]
-    tail = steps[norm_at[0] + 1 :] if norm_at else []
-    if len(norm_at) != 1 or len(tail) > 1 or (tail and not isinstance(tail[0], RandomErasing)):
-        raise ValueError(
-            "defer_normalize needs a Compose ending in Normalize or Normalize + RandomErasing, got "
-            f"{transform!r}"
-        )
-    erasing = tail[0] if tail else None
-    return list(steps[: norm_at[0]]), steps[norm_at[0]], erasing  # type: ignore[return-value]
+_TENSOR_TRANSFORMS = (
+    Compose,
+    Resize,
+    RandomHorizontalFlip,
+    RandomPadCrop,
+    ColorJitter,
+    ToTensor,
+    Normalize,
+    RandomErasing,
+)
 
 
 def _stack(tensors: list[Tensor]) -> Tensor:
@@ -302,6 +327,34 @@ def collate_reid(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     return batch
 
 
+_DEVICE_KEYS = ("image", "aug", "erase_noise")
+
+
+def collate_device_batch(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """Collate items of a ``device_transforms`` dataset: the labels as
+    :func:`collate_reid` does, plus ``"images"`` (uint8 ``(B, 3, h, w)``, or a list of
+    ``(3, h_i, w_i)`` when sizes differ), ``"aug"`` ``(B, NUM_PARAMS)`` and, when some
+    sample is erased with noise, ``"erase_noise"`` (their noise concatenated)."""
+    kept = [it for it in items if it is not None]
+    rest = [
+        {**{k: v for k, v in it.items() if k not in _DEVICE_KEYS}, "image": torch.empty(0)}
+        for it in kept
+    ]
+    batch = collate_reid(rest)
+    if not kept:
+        batch["images"] = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+        batch["aug"] = torch.empty(0, 0, dtype=torch.float64)
+        return batch
+    images = [it["image"] for it in kept]
+    same = all(im.shape == images[0].shape for im in images)
+    batch["images"] = _stack(images) if same else images
+    batch["aug"] = _stack([it["aug"] for it in kept])
+    noise = [it["erase_noise"] for it in kept if "erase_noise" in it]
+    if noise:
+        batch["erase_noise"] = torch.cat(noise)
+    return batch
+
+
 class SeededSampler(Sampler[tuple[int, int]]):
     """Wrap an index sampler so it yields ``(index, per-sample seed)`` pairs.
 
@@ -340,7 +393,7 @@ class SeededSampler(Sampler[tuple[int, int]]):
 class ReIDDataLoader(DataLoader):
     """A ``DataLoader`` with ``set_epoch(epoch, start_step=0)`` forwarded to its sampler and
     :meth:`prepare`, which moves a batch to the device (and, for loaders built with
-    ``defer_normalize=True``, normalises and erases it there)."""
+    ``device_transforms=True``, runs the transforms there, batched)."""
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the training epoch (and, when resuming mid-epoch, the first step)."""
@@ -350,28 +403,31 @@ class ReIDDataLoader(DataLoader):
     def prepare(
         self, batch: dict[str, Any], device: torch.device | str, non_blocking: bool = True
     ) -> dict[str, Any]:
-        """Batch with its tensors on ``device`` and ``images`` normalised float32.
+        """The batch with its tensors on ``device`` and ``images`` the normalised float32
+        ``(B, 3, H, W)`` the model takes. Call it on every batch (the training loop does).
 
-        With ``defer_normalize`` the workers ship ``uint8`` images (4x less memory traffic)
-        plus ``erase_boxes`` (B, 4); here they become exactly what the float pipeline gives
-        (same per-sample boxes), with the arithmetic done on ``device``.
+        For a loader built with ``device_transforms=True`` this runs the transforms
+        batched on ``device`` (resize, flip, pad + crop, colour jitter, normalisation,
+        random erasing) from the uint8 images and per-sample parameters the workers sent;
+        other batches are only moved.
         """
-        out = {
-            k: v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v
-            for k, v in batch.items()
-        }
-        boxes = out.pop("erase_boxes", None)
-        ds = self.dataset
-        if (
-            isinstance(ds, ImageDataset)
-            and ds.defer_normalize
-            and out["images"].dtype == torch.uint8
-        ):
-            assert ds.normalize is not None
-            images = ds.normalize.apply(out["images"])[0]
-            if ds.erasing is not None and boxes is not None:
-                images = ds.erasing.erase_batch(images, boxes)
-            out["images"] = images
+        device = torch.device(device)
+        out: dict[str, Any] = {}
+        for k, v in batch.items():
+            if isinstance(v, Tensor):
+                v = v.to(device, non_blocking=non_blocking)
+            elif isinstance(v, list) and v and isinstance(v[0], Tensor):
+                v = [t.to(device, non_blocking=non_blocking) for t in v]
+            out[k] = v
+        transform = getattr(self.dataset, "batch_transform", None)
+        if transform is not None and "aug" in out:
+            params = out.pop("aug")
+            noise = out.pop("erase_noise", None)
+            if params.shape[0] == 0:
+                h, w = transform.output_size((0, 0))
+                out["images"] = torch.empty(0, 3, h, w, device=device)
+            else:
+                out["images"] = transform(out["images"], params, noise)
         return out
 
 
@@ -394,10 +450,10 @@ def _data_cfg_and_seed(cfg: Any) -> tuple[Any, int]:
     return data, int(getattr(cfg, "seed", 0))
 
 
-def _loader_kwargs(num_workers: int, seed: int) -> dict[str, Any]:
+def _loader_kwargs(num_workers: int, seed: int, device_transforms: bool) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "num_workers": num_workers,
-        "collate_fn": collate_reid,
+        "collate_fn": collate_device_batch if device_transforms else collate_reid,
         "pin_memory": torch.cuda.is_available(),
         "worker_init_fn": worker_init_fn,
         "generator": torch.Generator().manual_seed(seed),
@@ -415,7 +471,7 @@ def build_train_loader(
     world_size: int = 1,
     epoch_seed: int | None = None,
     transform: Transform | None = None,
-    defer_normalize: bool = False,
+    device_transforms: bool = False,
 ) -> ReIDDataLoader:
     """Training DataLoader: PK (or shuffle) sampler + training transforms.
 
@@ -427,8 +483,9 @@ def build_train_loader(
             yields ``batch_size // world_size`` samples per step (whole identities for PK).
         epoch_seed: seed of the sampler and of the augmentation (default ``cfg.seed``).
         transform: override the transforms (default :func:`build_train_transforms`).
-        defer_normalize: ship ``uint8`` images and ``erase_boxes``; call
-            ``loader.prepare(batch, device)`` to get the normalised, erased float batch.
+        device_transforms: workers only decode (uint8) and draw the per-sample random
+            parameters; ``loader.prepare(batch, device)`` runs the transforms batched on
+            ``device`` (what keeps a GPU fed). Same images as the per-sample path.
 
     Returns:
         A :class:`ReIDDataLoader`; call ``loader.set_epoch(epoch)`` before each epoch.
@@ -447,7 +504,6 @@ def build_train_loader(
             world_size=world_size,
             epoch_seed=epoch_seed,
             transform=transform,
-            defer_normalize=defer_normalize,
         )
     data, cfg_seed = _data_cfg_and_seed(cfg)
     seed = cfg_seed if epoch_seed is None else int(epoch_seed)
@@ -477,14 +533,14 @@ def build_train_loader(
         transform if transform is not None else build_train_transforms(data),
         skip_corrupt=data.skip_corrupt,
         base_seed=seed,
-        defer_normalize=defer_normalize,
+        device_transforms=device_transforms,
     )
     return ReIDDataLoader(
         dataset,
         batch_size=data.batch_size // world_size,
         sampler=sampler,
         drop_last=True,
-        **_loader_kwargs(data.num_workers, seed),
+        **_loader_kwargs(data.num_workers, seed, device_transforms),
     )
 
 
@@ -493,12 +549,12 @@ def build_test_loader(
     records: Sequence[ImageRecord],
     transform: Transform | None = None,
     occlusion_p: float = 0.0,
-    defer_normalize: bool = False,
+    device_transforms: bool = False,
 ) -> ReIDDataLoader:
     """Ordered DataLoader without augmentation (``data.test_batch_size``, keeps every record).
 
     ``occlusion_p > 0`` adds random erasing seeded by record index (MGRe's occlusion test);
-    ``defer_normalize`` as in :func:`build_train_loader`. Tracklets get
+    ``device_transforms`` as in :func:`build_train_loader`. Tracklets get
     :func:`reidkit.data.clips.build_clip_test_loader` (every frame in
     ``data.test_chunk_len`` chunks by default).
     """
@@ -510,9 +566,7 @@ def build_test_loader(
                 "occlusion_p (the occlusion test) erases boxes of test images; it is not "
                 "defined for tracklets"
             )
-        return build_clip_test_loader(
-            cfg, records, transform=transform, defer_normalize=defer_normalize
-        )
+        return build_clip_test_loader(cfg, records, transform=transform)
     data, seed = _data_cfg_and_seed(cfg)
     if transform is None:
         transform = build_test_transforms(data, occlusion_p=occlusion_p)
@@ -521,12 +575,12 @@ def build_test_loader(
         transform,
         skip_corrupt=data.skip_corrupt,
         base_seed=seed,
-        defer_normalize=defer_normalize,
+        device_transforms=device_transforms,
     )
     return ReIDDataLoader(
         dataset,
         batch_size=data.test_batch_size,
         sampler=SequentialSampler(dataset),
         drop_last=False,
-        **_loader_kwargs(data.num_workers, seed),
+        **_loader_kwargs(data.num_workers, seed, device_transforms),
     )

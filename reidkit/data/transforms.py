@@ -228,10 +228,16 @@ class Resize(Transform):
             img = y if batched else y[0]
         else:
             img = to_uint8_tensor(img)
+        return img, self.move_keypoints(keypoints, (h, w))
+
+    def move_keypoints(self, keypoints: Tensor | None, in_size: tuple[int, int]) -> Tensor | None:
+        """Scale ``(K, 3)`` keypoints (in place) from an ``in_size = (h, w)`` image."""
+        h, w = in_size
+        out_h, out_w = self.size
         if keypoints is not None and (h, w) != (out_h, out_w):
             keypoints[:, 0] *= out_w / w
             keypoints[:, 1] *= out_h / h
-        return img, keypoints
+        return keypoints
 
 
 class RandomHorizontalFlip(Transform):
@@ -244,23 +250,34 @@ class RandomHorizontalFlip(Transform):
         self.p = float(p)
         self.flip_index = list(flip_index) if flip_index is not None else COCO_FLIP_INDEX
 
+    def draw(self, generator: torch.Generator | None) -> bool:
+        """Whether this sample is mirrored (draws one number only when ``0 < p < 1``)."""
+        if self.p <= 0.0:
+            return False
+        return self.p >= 1.0 or float(_rand(generator)) < self.p
+
+    def move_keypoints(self, keypoints: Tensor | None, width: int) -> Tensor | None:
+        """Mirror ``(K, 3)`` keypoints of an image ``width`` pixels wide (a new tensor)."""
+        if keypoints is None:
+            return None
+        if keypoints.shape[0] != len(self.flip_index):
+            raise ValueError(
+                f"RandomHorizontalFlip: {keypoints.shape[0]} keypoints but the flip index "
+                f"has {len(self.flip_index)} entries"
+            )
+        keypoints = keypoints[self.flip_index]
+        keypoints[:, 0] = width - keypoints[:, 0]
+        return keypoints
+
     def apply(self, img, keypoints=None, generator=None):
-        if self.p <= 0.0 or (self.p < 1.0 and float(_rand(generator)) >= self.p):
+        if not self.draw(generator):
             return img, keypoints
         _, w = image_size(img)
         if isinstance(img, Image.Image):
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         else:
             img = img.flip(-1)
-        if keypoints is not None:
-            if keypoints.shape[0] != len(self.flip_index):
-                raise ValueError(
-                    f"RandomHorizontalFlip: {keypoints.shape[0]} keypoints but the flip index "
-                    f"has {len(self.flip_index)} entries"
-                )
-            keypoints = keypoints[self.flip_index]
-            keypoints[:, 0] = w - keypoints[:, 0]
-        return img, keypoints
+        return img, self.move_keypoints(keypoints, w)
 
 
 class RandomPadCrop(Transform):
@@ -307,11 +324,18 @@ class RandomPadCrop(Transform):
         x0, x1 = max(0, dx), min(out_w, w + dx)
         if y1 > y0 and x1 > x0:
             out[..., y0:y1, x0:x1] = x[..., y0 - dy : y1 - dy, x0 - dx : x1 - dx]
-        if keypoints is not None:
-            keypoints[:, 0] += dx
-            keypoints[:, 1] += dy
-            keypoints = _hide_outside(keypoints, out_h, out_w)
-        return out, keypoints
+        return out, self.move_keypoints(keypoints, (i, j), (out_h, out_w))
+
+    def move_keypoints(
+        self, keypoints: Tensor | None, offset: tuple[int, int], out_size: tuple[int, int]
+    ) -> Tensor | None:
+        """Shift ``(K, 3)`` keypoints (in place) for the crop at ``offset = (i, j)``; those
+        outside the ``out_size`` result get visibility 0."""
+        if keypoints is None:
+            return None
+        keypoints[:, 0] += self.pad - offset[1]
+        keypoints[:, 1] += self.pad - offset[0]
+        return _hide_outside(keypoints, *out_size)
 
 
 class ColorJitter(Transform):
@@ -347,20 +371,35 @@ class ColorJitter(Transform):
             0.299 * x[..., 0, :, :] + 0.587 * x[..., 1, :, :] + 0.114 * x[..., 2, :, :]
         ).unsqueeze(-3)
 
+    @property
+    def active(self) -> bool:
+        """False when all three strengths are 0 (a no-op that draws nothing)."""
+        return any((self.brightness, self.contrast, self.saturation))
+
+    def draw(self, generator: torch.Generator | None) -> tuple[list[float], list[int]]:
+        """``(factors, order)``: the factor of brightness, contrast and saturation (1.0 for a
+        strength of 0) and the order in which they are applied. Draws nothing when inactive."""
+        if not self.active:
+            return [1.0, 1.0, 1.0], [0, 1, 2]
+        u = _rand(generator, 3)
+        order = torch.randperm(3, generator=generator).tolist()
+        factors = []
+        for k, s in enumerate((self.brightness, self.contrast, self.saturation)):
+            lo = max(0.0, 1.0 - s)
+            factors.append(lo + float(u[k]) * (1.0 + s - lo) if s > 0 else 1.0)
+        return factors, order
+
     def apply(self, img, keypoints=None, generator=None):
-        strengths = (self.brightness, self.contrast, self.saturation)
-        if not any(strengths):
+        if not self.active:
             return img, keypoints
         x = to_uint8_tensor(img)
         x = x.float().div_(255.0) if not x.is_floating_point() else x.clone()
-        u = _rand(generator, 3)
-        order = torch.randperm(3, generator=generator).tolist()
+        factors, order = self.draw(generator)
+        strengths = (self.brightness, self.contrast, self.saturation)
         for k in order:
-            s = strengths[k]
-            if s == 0:
+            if strengths[k] == 0:
                 continue
-            lo = max(0.0, 1.0 - s)
-            factor = lo + float(u[k]) * (1.0 + s - lo)
+            factor = factors[k]
             if k == 0:
                 x = x.mul_(factor)
             elif k == 1:
@@ -520,40 +559,61 @@ class RandomErasing(Transform):
         elif self.fill == "zero":
             region.zero_()
         else:
-            region.copy_(
-                torch.randn(region.shape, generator=generator, dtype=out.dtype).to(out.device)
-            )
+            region.copy_(self.draw_noise(box, out.shape[-3], generator).to(out))
         return out, keypoints
 
+    def draw_noise(
+        self, box: tuple[int, int, int, int], channels: int, generator: torch.Generator | None
+    ) -> Tensor:
+        """The ``(channels, eh, ew)`` float32 noise of ``fill="random"`` for ``box``, drawn
+        right after :meth:`sample_box` as :meth:`apply` does."""
+        return torch.randn((channels, box[2], box[3]), generator=generator, dtype=torch.float32)
+
     def erase_batch(
-        self, images: Tensor, boxes: Tensor, generator: torch.Generator | None = None
+        self,
+        images: Tensor,
+        boxes: Tensor,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
         """Fill per-image boxes of a normalised batch in one vectorised pass (any device).
 
         Args:
             images: ``(B, C, H, W)`` float, modified in place and returned.
             boxes: ``(B, 4)`` integer ``(top, left, eh, ew)``; ``eh = 0`` means no erasing.
-            generator: for ``fill="random"`` only (noise drawn on ``images.device``).
+            generator: for ``fill="random"`` without ``noise``: noise drawn on
+                ``images.device`` from it.
+            noise: for ``fill="random"``: the concatenated, flattened :meth:`draw_noise`
+                values of the erased images in batch order (reproduces :meth:`apply`).
         """
         if boxes.numel() == 0 or not bool((boxes[:, 2] > 0).any()):
             return images
-        _, c, h, w = images.shape
-        boxes = boxes.to(images.device)
-        top, left, bh, bw = (boxes[:, k].view(-1, 1, 1) for k in range(4))
-        rows = torch.arange(h, device=images.device).view(1, h, 1)
-        cols = torch.arange(w, device=images.device).view(1, 1, w)
-        mask = ((rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)).unsqueeze(
-            1
-        )
+        c = images.shape[1]
+        mask = self._box_mask(boxes.to(images.device), images.shape[2], images.shape[3])
         if self.fill == "mean":
+            if c != len(self.mean):
+                raise ValueError(
+                    f"RandomErasing: mean has {len(self.mean)} values for {c} channels"
+                )
             fill = self._mean_t.to(images).view(1, c, 1, 1)
         elif self.fill == "zero":
-            fill = images.new_zeros(())
+            return images.masked_fill_(mask, 0.0)
+        elif noise is not None:  # boxes are filled in (image, channel, row, col) order
+            return images.masked_scatter_(mask.expand_as(images), noise.to(images))
         else:
             fill = torch.randn(
                 images.shape, generator=generator, device=images.device, dtype=images.dtype
             )
         return torch.where(mask, fill, images, out=images)
+
+    @staticmethod
+    def _box_mask(boxes: Tensor, h: int, w: int) -> Tensor:
+        """``(B, 1, H, W)`` bool mask of per-image boxes ``(top, left, eh, ew)``."""
+        top, left, bh, bw = (boxes[:, k].view(-1, 1, 1) for k in range(4))
+        rows = torch.arange(h, device=boxes.device).view(1, h, 1)
+        cols = torch.arange(w, device=boxes.device).view(1, 1, w)
+        inside = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
+        return inside.unsqueeze(1)
 
 
 # ----------------------------------------------------------------------------- builders

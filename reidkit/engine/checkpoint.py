@@ -10,7 +10,8 @@ Layout of a training checkpoint (``checkpoints/last.pt``)::
     {"format": "reidkit.checkpoint/2", "model": state_dict, "num_classes": int,
      "optimizers": {name: state}, "schedulers": {name: state}, "scaler": {...} | None,
      "hooks": {hook name: state}, "epoch": int (last finished, 0-based),
-     "global_step": int, "train_time_s": float, "rng": {...}, "best": {...} | None,
+     "global_step": int, "train_time_s": float (all sessions), "skipped_in_loader": int,
+     "rng": {...}, "best": {...} | None,
      "config": dict}
 
 Version 1 files (one ``optimizer`` plus ``warm_optimizer`` / ``aux_optimizer``) are
@@ -19,17 +20,24 @@ upgraded on resume by :func:`upgrade_training_state`.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from reidkit.errors import DiskFullError, describe_load_error, format_bytes, one_line
+
 __all__ = [
     "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "disk_full_error",
     "load_checkpoint",
     "get_rng_state",
     "set_rng_state",
@@ -58,23 +66,67 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (tmp file + fsync + ``os.replace``)."""
+    """``torch.save(obj)`` to ``path`` atomically (tmp file + fsync + ``os.replace``).
+
+    Raises:
+        DiskFullError: the disk (or quota) is full; the message names the file, the space
+            needed and free, and that the previous ``path`` is intact.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(obj, buffer)  # serialise fully before touching the disk
+    atomic_write_bytes(path, buffer.getbuffer())
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
+    """Write ``data`` to ``path`` atomically: a ``.NAME.tmp-PID`` file in the same folder,
+    fsync, ``os.replace``; on any failure the tmp file is removed and ``path`` is untouched.
+
+    Raises:
+        DiskFullError: on ``ENOSPC`` / ``EDQUOT``, naming the file and the space needed.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full_error(path, len(data), exc) from exc
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def disk_full_error(path: Path, needed: int, exc: OSError) -> DiskFullError:
+    """A :class:`DiskFullError` for writing ``needed`` bytes to ``path``."""
+    try:
+        free = f", {format_bytes(shutil.disk_usage(path.parent).free)} free"
+    except OSError:
+        free = ""
+    kept = (
+        f"the previous {path.name} is intact"
+        if path.exists()
+        else f"no earlier {path.name} existed; nothing else was touched"
+    )
+    err = DiskFullError(
+        f"{path}: {exc.strerror or 'no space left on device'} while writing "
+        f"{format_bytes(needed)} ({needed} bytes){free} on {path.parent}; nothing was lost: "
+        f"{kept} and the partial file was removed; free some space and run again"
+    )
+    err.errno = exc.errno  # (a filename would change str(err))
+    return err
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """:func:`atomic_write_bytes` of UTF-8 ``text`` (e.g. ``metrics.json``)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def clean_stale_tmp(folder: str | Path) -> list[Path]:
@@ -150,7 +202,10 @@ def resolve_weights(weights: str | Path) -> Path:
             f"weights: {p} is a folder without checkpoints/best.pt or checkpoints/last.pt "
             "(pass a run folder or a .pt/.pth/.safetensors file)"
         )
-    raise FileNotFoundError(f"weights file not found: {p}")
+    raise FileNotFoundError(
+        f"weights file not found: {p} (expected a checkpoint .pt, a .pth / .safetensors "
+        "weights file or a run folder)"
+    )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -165,13 +220,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return {"model": load_file(str(path), device=str(map_location))}
+        try:
+            return {"model": load_file(str(path), device=str(map_location))}
+        except Exception as exc:  # SafetensorError: bad header, truncated, not safetensors
+            raise ValueError(
+                f"{path}: not a valid .safetensors file (corrupt or truncated?): {one_line(exc)}"
+            ) from exc
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt file, or a pickle that needs code
         raise ValueError(
-            f"{path}: cannot be loaded with torch.load(weights_only=True) "
-            f"(corrupt, or it contains pickled code): {exc}"
+            f"{path}: refused by torch.load(weights_only=True): {describe_load_error(exc)}"
         ) from exc
     if not isinstance(obj, dict):
         raise ValueError(
@@ -281,14 +340,14 @@ def load_model(
     """
     from reidkit.methods import build_method
 
-    weights = Path(weights)
-    if not weights.is_file():
-        hint = " (it is a folder: pass e.g. checkpoints/best.pt)" if weights.is_dir() else ""
-        raise FileNotFoundError(f"--weights: file not found: {weights}{hint}")
+    weights = resolve_weights(weights)
     cfg = cfg.model_copy(deep=True)
     cfg.model.pretrained = None  # the weights replace any ImageNet initialisation
     obj = load_checkpoint(weights)
-    state = extract_state_dict(obj)
+    try:
+        state = extract_state_dict(obj)
+    except ValueError as exc:
+        raise ValueError(f"{weights}: {exc}") from None
     if num_classes is None:
         num_classes = obj.get("num_classes") if isinstance(obj.get("num_classes"), int) else None
     if num_classes is None:
@@ -316,7 +375,8 @@ def load_model(
             parts.append(f"{len(shape)} with other shapes (e.g. {'; '.join(shape[:3])})")
         raise ValueError(
             f"{weights}: weights do not match model '{cfg.model.name}' "
-            f"({cfg.model.backbone}): " + ", ".join(parts)
+            f"({cfg.model.backbone}): " + ", ".join(parts) + "; use the config the weights "
+            "were trained with (-c RUN_FOLDER or its config.yaml)"
         )
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -40,12 +40,23 @@ class EvalResult:
     raw: Any = field(default=None, repr=False)
     rerank: bool = False
     notes: list[str] = field(default_factory=list)
+    dataset: str = ""  # name of the evaluated dataset (the table's row label)
+
+    def label(self) -> str:
+        """What was evaluated: the dataset name, plus ``re-ranked`` when it was."""
+        return (self.dataset or "result") + (" re-ranked" if self.rerank else "")
 
     def table(self, title: str = "") -> str:
-        """The metrics as a printable table (``reidkit.metrics.format_metrics_table``)."""
+        """The metrics as a printable table (``reidkit.metrics.format_metrics_table``)
+        with one row labelled ``title`` (default: :meth:`label`, the same for ``reidkit
+        train``, ``eval``, ``report`` and the Python API); a result without ranking (a
+        method that is not a re-ID model) lists its metrics."""
         from reidkit.metrics.table import format_metrics_table
 
-        return format_metrics_table({title or "result": self.raw})
+        if self.raw is None:
+            rows = [f"{k}: {v:.4f}" for k, v in self.metrics.items()]
+            return "\n".join([title or self.label(), *("  " + r for r in rows)])
+        return format_metrics_table({title or self.label(): self.raw}, name_header="dataset")
 
 
 def _to_tensor(x: Any) -> torch.Tensor:
@@ -157,7 +168,14 @@ def extract_records(
     if world > 1 and len(records) >= world:
         start, end = dist_utils.shard_bounds(len(records), rank, world)
         shard = records[start:end]
-    loader = build_test_loader(cfg, shard, occlusion_p=occlusion_p)
+    from reidkit.engine.trainer import use_device_transforms
+
+    loader = build_test_loader(
+        cfg,
+        shard,
+        occlusion_p=occlusion_p,
+        device_transforms=use_device_transforms(cfg, torch.device(device)),
+    )
     fs = extract_features(
         model,
         loader,
@@ -221,6 +239,8 @@ def evaluate_model(
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
+    if not getattr(type(model), "evaluates_reid", True):
+        return _evaluate_extras_only(cfg, model, dataset, device)
     if is_video_dataset(dataset):
         if occlusion_p > 0:
             raise ValueError("the occlusion test (occlusion_p) is defined for image datasets")
@@ -265,7 +285,24 @@ def evaluate_model(
         if extras is not None:
             result.metrics.update(extras.metrics)
             result.notes.extend(extras.notes)
+    result.dataset = str(getattr(dataset, "name", "") or "")
     return result
+
+
+def _evaluate_extras_only(
+    cfg: Config, model: nn.Module, dataset: ReIDDataset, device: torch.device
+) -> EvalResult | None:
+    """Evaluation of a method that is not a re-ID model (``evaluates_reid = False``): its
+    ``eval_extras`` on rank 0 (e.g. VRSTC's completion quality), no ranking."""
+    if dist_utils.get_rank() != 0:
+        return None
+    extras = model.eval_extras(cfg, dataset, device)
+    if extras is None or not extras.metrics:
+        raise ValueError(
+            f"{type(model).__name__} is not a re-ID model (evaluates_reid=False) and its "
+            "eval_extras returned no metric"
+        )
+    return EvalResult(dict(extras.metrics), torch.zeros(0), notes=list(extras.notes))
 
 
 def result_distances(cfg: Config, model: nn.Module, result: EvalResult) -> torch.Tensor:

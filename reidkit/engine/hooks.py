@@ -202,7 +202,7 @@ class LoggerHook(HookBase):
 
 class EvalHook(HookBase):
     """Evaluate every ``test.eval_period`` epochs and after the last one; keep the best
-    model (by mAP) in ``checkpoints/best.pt``. Evaluation never touches the RNG streams
+    model (by the method's ``best_metric``, mAP by default) in ``checkpoints/best.pt``. Evaluation never touches the RNG streams
     of training (it runs under ``torch.random.fork_rng``)."""
 
     name = "eval"
@@ -235,8 +235,15 @@ class EvalHook(HookBase):
         for note in result.notes:
             t.logger.print(note)
         if not is_last:  # the final table is printed at the end
-            t.logger.print(result.table(title=f"epoch {t.epoch + 1}"))
-        if self.best is None or summary["mAP"] > self.best["mAP"]:
+            t.logger.print(f"evaluation after epoch {t.epoch + 1}:")
+            t.logger.print(result.table())
+        key = getattr(type(t.model), "best_metric", "mAP")
+        if key not in summary:
+            raise ValueError(
+                f"{type(t.model).__name__}.best_metric is '{key}' but the evaluation "
+                f"returned {sorted(summary)}"
+            )
+        if self.best is None or summary[key] > self.best[key]:
             self.best = {"epoch": t.epoch + 1, **summary}
             t.save_model_checkpoint(t.ckpt_dir / "best.pt", metrics=summary)
         if is_last:

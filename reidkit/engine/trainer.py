@@ -33,10 +33,12 @@ import torch
 from torch import nn
 
 from reidkit.config import Config, config_to_dict, dump_config
+from reidkit.data.loader import CorruptImageError
 from reidkit.engine import distributed as dist_utils
 from reidkit.engine.checkpoint import (
     CHECKPOINT_FORMAT,
     atomic_save,
+    atomic_write_text,
     clean_stale_tmp,
     get_rng_state,
     load_checkpoint,
@@ -46,6 +48,8 @@ from reidkit.engine.checkpoint import (
 from reidkit.engine.hooks import CheckpointHook, EvalHook, HookBase, LoggerHook
 from reidkit.engine.log import RunLogger
 from reidkit.engine.step import NonFiniteLossError, StepContext
+from reidkit.errors import DiskFullError, one_line
+from reidkit.metrics.table import format_percent
 
 __all__ = ["train", "Trainer", "NonFiniteLossError", "seed_everything", "total_epochs"]
 
@@ -60,6 +64,13 @@ def seed_everything(seed: int) -> None:
 def total_epochs(cfg: Config) -> int:
     """Classifier-only warm epochs + main-schedule epochs."""
     return cfg.solver.classifier_warm_epochs + cfg.solver.max_epochs
+
+
+def use_device_transforms(cfg: Config, device: torch.device) -> bool:
+    """``data.device_transforms``: ``auto`` = batched augmentation on CUDA only (on a CPU
+    the per-sample path is faster: docs/speed.md)."""
+    mode = cfg.data.device_transforms
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
 def _set_sampler_epoch(loader: Any, epoch: int) -> None:
@@ -141,6 +152,7 @@ class Trainer:
         self.phase = "main"
         self.hooks: list[HookBase] = []
         self.elapsed_before = 0.0  # training seconds of earlier sessions of this run
+        self.skipped_in_loader = 0  # unreadable images data.skip_corrupt dropped in batches
 
     # ------------------------------------------------------------------ building
     def _check_folder(self) -> None:
@@ -154,6 +166,22 @@ class Trainer:
             )
         if self.stop_after_epochs is not None and self.stop_after_epochs < 1:
             raise ValueError(f"stop_after_epochs must be >= 1, got {self.stop_after_epochs}")
+        pretrained = self.cfg.model.pretrained
+        if pretrained and not self.resume:
+            # before the dataset is read: a missing, truncated or unsafe ImageNet file is the
+            # first thing a paper config runs into (the shapes are checked when building)
+            from reidkit.models import (
+                PretrainedLoadError,
+                missing_pretrained_message,
+                read_state_dict,
+            )
+
+            if not Path(pretrained).expanduser().is_file():
+                raise PretrainedLoadError(missing_pretrained_message(pretrained))
+            try:
+                read_state_dict(pretrained)
+            except PretrainedLoadError as exc:
+                raise PretrainedLoadError(f"model.pretrained: {exc}") from exc
 
     def build(self) -> None:
         from reidkit.data.datasets import dataset_from_config
@@ -166,7 +194,10 @@ class Trainer:
             if not self.resume and self.overwrite:
                 self._clear_run()
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            clean_stale_tmp(self.ckpt_dir)
+            # .NAME.tmp-PID files of a run killed while writing (atomic_save's partial files)
+            for folder in (self.ckpt_dir, self.out_dir):
+                for tmp in clean_stale_tmp(folder):
+                    print(f"removed {tmp}: a partial file left by an interrupted run", flush=True)
         self.logger = RunLogger(self.out_dir, enabled=info.is_main, tensorboard=cfg.tensorboard)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -175,6 +206,7 @@ class Trainer:
 
         seed_everything(cfg.seed)  # identical initialisation on every rank
         self.dataset = dataset_from_config(cfg.data)
+        self._report_skipped_files()
         if not self.dataset.train:
             raise ValueError(
                 f"dataset '{self.dataset.name}' at {self.dataset.root}: the train split is empty"
@@ -188,7 +220,12 @@ class Trainer:
             eval_keys |= {"images"}  # frames are images (I2V, V2I, I2I; image methods)
         check_requirements(cfg.model.name, spec.cls.eval_requires, eval_keys, split="query/gallery")
         self.num_classes = self.dataset.num_train_pids
-        model = build_method(cfg, self.num_classes)
+        build_cfg = cfg
+        if self.resume and cfg.model.pretrained:
+            # the checkpoint replaces every weight: the ImageNet file need not be there
+            build_cfg = cfg.model_copy(deep=True)
+            build_cfg.model.pretrained = None
+        model = build_method(build_cfg, self.num_classes)
         if cfg.model.sync_bn and info.distributed:
             if self.device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -196,7 +233,7 @@ class Trainer:
                 self.logger.print(
                     "model.sync_bn: SyncBatchNorm needs CUDA; keeping per-rank BatchNorm on CPU"
                 )
-        if info.is_main:
+        if info.is_main and not self.resume:  # a resume writes it once the checkpoint loaded
             dump_config(cfg, self.out_dir / "config.yaml")
         model.to(self.device)
         if cfg.channels_last:
@@ -212,7 +249,13 @@ class Trainer:
             compile=cfg.compile,
             channels_last=cfg.channels_last,
         )
-        self.train_loader = build_train_loader(cfg, self.dataset.train, info.rank, info.world_size)
+        self.train_loader = build_train_loader(
+            cfg,
+            self.dataset.train,
+            info.rank,
+            info.world_size,
+            device_transforms=use_device_transforms(cfg, self.device),
+        )
         n_iters = len(self.train_loader)
         if cfg.solver.iters_per_epoch is not None:
             n_iters = min(n_iters, cfg.solver.iters_per_epoch)
@@ -234,6 +277,33 @@ class Trainer:
         ]
         for hook in self.hooks:
             hook.trainer = self
+
+    def _report_skipped_files(self) -> None:
+        """Images the dataset check dropped (``data.skip_corrupt``): printed and logged."""
+        skipped = getattr(self.dataset, "skipped", None) or []
+        if not skipped or not self.info.is_main:
+            return
+        first = skipped[0]
+        self.logger.print(
+            f"data.skip_corrupt: skipped {len(skipped)} unreadable image(s) of "
+            f"{self.dataset.name} (first: {first.path}: {first.reason})"
+        )
+        self.logger.log(
+            "skipped_images",
+            stage="dataset check",
+            count=len(skipped),
+            images=[{"path": b.path, "reason": b.reason} for b in skipped[:100]],
+        )
+
+    @property
+    def skipped_images(self) -> int:
+        """Unreadable images skipped so far: at the dataset check + in training batches."""
+        return len(getattr(self.dataset, "skipped", None) or []) + self.skipped_in_loader
+
+    def _kept_message(self) -> str:
+        if self.last_path.is_file():
+            return f"the last checkpoint {self.last_path} is intact: continue with --resume"
+        return "no checkpoint was written yet"
 
     def _clear_run(self) -> None:
         for name in ("log.jsonl", "metrics.json"):
@@ -266,6 +336,7 @@ class Trainer:
                 "epoch": self.epoch,
                 "global_step": self.ctx.global_step,
                 "train_time_s": self.elapsed_before + (time.time() - self.session_start),
+                "skipped_in_loader": self.skipped_in_loader,
                 "rng": get_rng_state(),
                 "best": self.eval_hook.best,
                 "config": config_to_dict(self.cfg),
@@ -285,10 +356,16 @@ class Trainer:
         if changed:
             shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:8])
             more = f" (+{len(changed) - 8} more)" if len(changed) > 8 else ""
+            original = self.out_dir / "config.yaml"
+            if self.info.is_main and original.is_file():
+                # config.yaml will describe the resumed run; the settings so far stay here
+                kept = self.out_dir / f"config.before_resume_{int(state['epoch']) + 2:03d}.yaml"
+                shutil.copyfile(original, kept)
+                original = kept
             self.logger.print(
                 f"warning: --resume with a config that differs from the checkpoint's ({path}): "
                 f"{shown}{more}. The resumed run is not an exact continuation; resume with "
-                f"-c {self.out_dir / 'config.yaml'} to keep the original settings."
+                f"-c {original} to keep the original settings."
             )
             self.logger.log(
                 "config_changed", changes={k: [a, b] for k, a, b in changed}, epoch=state["epoch"]
@@ -301,6 +378,9 @@ class Trainer:
                 hook.load_state_dict(hook_states[hook.name])
         self.ctx.global_step = int(state["global_step"])
         self.elapsed_before = float(state.get("train_time_s") or 0.0)
+        self.skipped_in_loader = int(state.get("skipped_in_loader") or 0)
+        if self.info.is_main:
+            dump_config(self.cfg, self.out_dir / "config.yaml")
         return state
 
     # ------------------------------------------------------------------ training
@@ -354,8 +434,16 @@ class Trainer:
         for epoch in range(self.start_epoch, T):
             self.epoch = self.ctx.epoch = epoch
             self.phase = "classifier_warm" if epoch < cfg.solver.classifier_warm_epochs else "main"
+            skipped_before = self.skipped_in_loader
             try:
                 self._run_epoch()
+            except CorruptImageError as exc:
+                for hook in self.hooks:
+                    hook.on_error(exc)
+                raise CorruptImageError(
+                    f"{one_line(exc)} (epoch {epoch + 1}, iteration {self.iteration + 1}); "
+                    + self._kept_message()
+                ) from None
             except NonFiniteLossError as exc:
                 for hook in self.hooks:
                     hook.on_error(exc)
@@ -365,6 +453,7 @@ class Trainer:
                     else "No checkpoint was written yet."
                 )
                 message = f"{exc} {where} Try a lower solver.lr, solver.grad_clip, or amp=off."
+                message = " ".join(message.split())
                 self.logger.log(
                     "error",
                     epoch=epoch,
@@ -373,9 +462,24 @@ class Trainer:
                     message=message,
                 )
                 raise NonFiniteLossError(message) from None
-            for hook in self.hooks:
-                hook.after_epoch()
+            try:
+                for hook in self.hooks:
+                    hook.after_epoch()
+            except DiskFullError as exc:
+                err = DiskFullError(
+                    f"{exc}; training stopped after epoch {epoch + 1}/{T}: continue with "
+                    "--resume once there is space"
+                )
+                err.errno = exc.errno  # (a filename would change str(err))
+                self.logger.log("error", epoch=epoch, message=str(err))
+                raise err from None
             epochs_done += 1
+            if self.skipped_in_loader > skipped_before:
+                n = self.skipped_in_loader - skipped_before
+                self.logger.log("skipped_images", stage="training", epoch=epoch, count=n)
+                self.logger.print(
+                    f"data.skip_corrupt: epoch {epoch + 1} skipped {n} unreadable image(s)"
+                )
             is_last = epoch == T - 1
             if self.stop_after_epochs is not None and epochs_done >= self.stop_after_epochs:
                 if not is_last:
@@ -409,6 +513,8 @@ class Trainer:
             for it in range(self.num_iterations):
                 self.iteration = it
                 batch = next(data_iter)
+                if self.cfg.data.skip_corrupt:  # unreadable images are dropped from batches
+                    self.skipped_in_loader += max(0, loader.batch_size - len(batch["index"]))
                 batch = loader.prepare(batch, self.device) if hasattr(loader, "prepare") else batch
                 if per_iter:
                     self.lr = ctx.set_lr(it / self.num_iterations)
@@ -430,14 +536,22 @@ class Trainer:
             "train_time_s": round(self.elapsed_before + time.time() - self.session_start, 1),
             "world_size": self.info.world_size,
         }
-        skipped = getattr(getattr(self.train_loader, "dataset", None), "num_skipped", 0)
+        skipped = self.skipped_images
         if skipped:
             summary["skipped_images"] = int(skipped)
-        (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+            self.logger.print(
+                f"data.skip_corrupt: {skipped} unreadable image(s) were skipped in this run "
+                "(see the skipped_images rows of log.jsonl)"
+            )
+        atomic_write_text(self.out_dir / "metrics.json", json.dumps(summary, indent=2))
         if ev.final is not None:
-            self.logger.print(ev.final.table(title="final"))
-        if ev.best is not None:
-            self.logger.print(f"best mAP {100 * ev.best['mAP']:.1f} at epoch {ev.best['epoch']}")
+            self.logger.print(f"final evaluation (epoch {self.total_epochs}):")
+            self.logger.print(ev.final.table())
+        key = getattr(type(self.model), "best_metric", "mAP")
+        if ev.best is not None and key in ev.best:
+            value = ev.best[key]
+            shown = format_percent(value) if key == "mAP" else f"{value:.4g}"
+            self.logger.print(f"best {key} {shown} at epoch {ev.best['epoch']}")
         self.logger.print(f"run folder: {self.out_dir}")
 
 

@@ -27,7 +27,10 @@ training data must provide; a dataset without them is refused before training st
 values, checked when a config is loaded), ``keep_for_eval`` (extra ``encode`` outputs
 stored with the features, e.g. feature maps for pairwise scoring) and ``exportable``
 (``False`` when the score is not a distance between vectors: ONNX export and the FAISS
-gallery index then refuse the method).
+gallery index then refuse the method), ``evaluates_reid`` (``False`` for a network that
+is not a re-ID model, e.g. VRSTC's completion network: evaluation reports only
+``eval_extras``) and ``best_metric`` (the metric, higher is better, that picks
+``best.pt``; ``mAP`` by default).
 
 Registration: ``@register_method(name, options=Options, section="name", presets=...)``
 on the class. ``Options`` is the method's own typed config section (``model.<section>``,
@@ -259,6 +262,11 @@ class ReIDMethod(nn.Module):
     keep_for_eval: ClassVar[tuple[str, ...]] = ()
     #: False when the query-gallery score is not a distance between vectors
     exportable: ClassVar[bool] = True
+    #: False for a network that is not a re-ID model (VRSTC's completion network): the
+    #: evaluator then reports only :meth:`eval_extras` (no query/gallery ranking)
+    evaluates_reid: ClassVar[bool] = True
+    #: the evaluation metric (higher is better) that picks ``best.pt``
+    best_metric: ClassVar[str] = "mAP"
     #: the method's own mode on video datasets (``test.video_mode=auto``): ``v2v``,
     #: ``i2v``, ``v2i`` or ``i2i`` (reidkit.engine.video_eval)
     video_mode: ClassVar[str] = "v2v"

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..threads import bounded_threads
 from .distance import as_tensor
 from .rank import (
     _CHUNK_ELEMENTS,
@@ -78,6 +79,7 @@ def single_shot_ranks(
     return before.sum(1), valid
 
 
+@bounded_threads
 def evaluate_cuhk03_classic(
     distmat: np.ndarray | torch.Tensor,
     q_pids: Any,

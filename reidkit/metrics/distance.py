@@ -18,6 +18,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ..threads import bounded_threads
+
 __all__ = ["Metric", "METRICS", "GalleryDistance", "as_tensor", "compute_distance", "l2_normalize"]
 
 Metric = Literal["euclidean", "sqeuclidean", "cosine"]
@@ -110,6 +112,7 @@ class GalleryDistance:
         return d.sqrt_() if self.metric == "euclidean" else d
 
 
+@bounded_threads
 def compute_distance(
     qf: np.ndarray | torch.Tensor,
     gf: np.ndarray | torch.Tensor,

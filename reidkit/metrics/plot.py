@@ -1,4 +1,4 @@
-"""CMC curve plots (matplotlib, imported lazily; install ``reidkit[plot]``)."""
+"""CMC curve plots (matplotlib: a core dependency, imported lazily)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ def plot_cmc(
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("plot_cmc needs matplotlib: pip install 'reidkit[plot]'") from exc
+        raise ImportError(
+            "plot_cmc needs matplotlib: pip install 'reidkit[plot]' (or matplotlib)"
+        ) from exc
     if isinstance(results, EvalResult):
         results = {"model": results}
     if not results:

@@ -23,13 +23,14 @@ Differences from the usual evaluators (bugs they have, not protocol changes): an
 gallery (the CMC of a valid query is 1 from its first hit onwards, so the curve is
 extended with its final value instead of crashing on ragged rows); inputs are validated.
 
-Speed: nothing is fully sorted. Per chunk of queries, the only gallery entries that can
-rank before a true match are those at most as far as the query's farthest true match.
-Each of them is binned by the number of the query's (few, sorted) true matches that
-precede it, with a binary search; a cumulative count of the bins gives the rank of every
-true match. When most of a chunk is such a candidate (features that rank true matches
-badly, e.g. random ones) the binning runs densely per row instead of on a compacted
-list. The same code runs on CPU and CUDA.
+Speed: nothing is sorted but each query's few true matches. The rank of a true match is
+the number of kept gallery items closer than it (ties by index). Per cache-sized piece of
+rows, each row's range from its nearest to its farthest match is split into equal
+buckets: items in buckets without a match are only counted, the few sharing a bucket with
+matches are compared with them exactly, and a cumulative count gives every match's rank
+(O(G) per query for any distance distribution, O(piece) extra memory). When few items
+can precede a row's farthest match, those candidates are gathered first. Pieces run on a
+thread pool (:func:`reidkit.threads.parallel_map`); the same code runs on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ..threads import bounded_threads, parallel_map
 from .distance import GalleryDistance, Metric, as_tensor
 
 __all__ = [
@@ -55,10 +57,20 @@ __all__ = [
 APMode = Literal["standard", "trapezoid"]
 AP_MODES = ("standard", "trapezoid")
 
-# Elements of the (chunk x G) distance block processed at once.
+# Elements of the (chunk x G) distance blocks that evaluate_features / cuhk03 compute.
 _CHUNK_ELEMENTS = 1 << 22
-# Above this fraction of candidates in a chunk, bin without compacting.
-_DENSE_FRACTION = 0.3
+# Elements evaluated at once: cache-sized on CPU (every pass stays in L2/L3), large on
+# GPUs (fewer launches).
+_PIECE_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
+# Most buckets per row (see _match_ranks); keeps row * bucket keys exact in float32.
+_BUCKETS = 2048
+# Above this (sampled) fraction of items that can precede a match, bucket every item
+# instead of gathering the candidates first.
+_DENSE_FRACTION = 0.25
+# Column stride of that sample.
+_SAMPLE_STRIDE = 37
+# Below this fraction of non-zero 8-byte words, _nonzero_2d expands words.
+_SPARSE_WORDS = 0.1
 
 
 @dataclass
@@ -201,62 +213,76 @@ def _check_finite(dist: torch.Tensor, offset: int = 0) -> None:
 
 
 # ------------------------------------------------------------------------------- core
-def _key32(rows: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-    """int64 keys non-decreasing in (row, value): the row in the high 32 bits, the value
-    rounded to float32 (a monotone map) as an order-preserving integer in the low bits.
-    Equal keys may hide different float64 values; callers resolve such ties exactly."""
-    bits = (vals.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # IEEE order as signed ints
-    return (rows << 32) + (bits.long() + 2**31)
+class _GalleryPids:
+    """The gallery grouped by pid (built once): the same-pid images of a query are one
+    contiguous range of ``order``, so the few true matches are listed without a
+    ``(Q, G)`` label comparison."""
+
+    def __init__(self, g_pids: torch.Tensor) -> None:
+        self.order = torch.sort(g_pids, stable=True).indices  # by pid, then gallery index
+        sorted_pids = g_pids[self.order]
+        new = torch.ones_like(sorted_pids, dtype=torch.bool)
+        new[1:] = sorted_pids[1:] != sorted_pids[:-1]
+        self.pids = sorted_pids[new]
+        self.start = new.nonzero().view(-1)
+        self.count = torch.diff(self.start, append=self.start.new_tensor([g_pids.shape[0]]))
+
+    def same_pid_pairs(self, q_pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, cols)``: every (query, gallery) pair with equal pids, sorted by
+        (row, col)."""
+        at = torch.searchsorted(self.pids, q_pids).clamp_max(self.pids.shape[0] - 1)
+        count = torch.where(self.pids[at] == q_pids, self.count[at], 0)
+        rows, pos = _expand_ranges(self.start[at], count)
+        return rows, self.order[pos]
 
 
-def _ranks_from_bins(bins: torch.Tensor, mr: torch.Tensor, mstart: torch.Tensor) -> torch.Tensor:
-    """Ranks of the sorted matches from ``bins[g]`` = non-matches just before match g."""
-    m = mr.shape[0]
-    csum = bins.cumsum(0)
-    before_row = csum - (csum - bins)[mstart[mr]]  # cumulative within the row
-    return (torch.arange(m, device=mr.device) - mstart[mr]) + before_row
+def _expand_ranges(start: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(owner, position)`` of every element of the ranges ``[start[i], start[i] +
+    count[i])``, in order."""
+    total = int(count.sum())
+    owner = torch.repeat_interleave(
+        torch.arange(count.shape[0], device=count.device), count, output_size=total
+    )
+    shift = start - (count.cumsum(0) - count)
+    return owner, torch.arange(total, device=count.device) + shift[owner]
 
 
-def _dense_bins(
-    dist: torch.Tensor,
-    cand: torch.Tensor,
-    mr: torch.Tensor,
-    mc: torch.Tensor,
-    md: torch.Tensor,
-    counts: torch.Tensor,
-    mstart: torch.Tensor,
-) -> torch.Tensor:
-    """Match ranks when most entries are candidates: per-row binary search, no compaction.
+def _nonzero_2d(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` of the True entries of a contiguous ``(n, G)`` bool mask, in order.
 
-    ``mr, mc, md`` are the matches sorted by (row, distance, index); returns ``(M,)``
-    ranks.
+    For very sparse masks the 8-byte words holding any True entry are found first (an
+    eighth of the work of ``nonzero``) and only those are expanded.
     """
-    n, g = dist.shape
-    dev = dist.device
-    m = mr.shape[0]
-    w = int(counts.max())
-    slot = torch.arange(m, device=dev) - mstart[mr]
-    seq = torch.full((n, w), math.inf, dtype=dist.dtype, device=dev)
-    seq[mr, slot] = md
-    col = torch.full((n, w), g, dtype=torch.long, device=dev)
-    col[mr, slot] = mc
-    b = torch.searchsorted(seq, dist)  # (n, G): the row's matches strictly closer
-    tie = seq.gather(1, b.clamp_max(w - 1)) == dist
-    tie &= cand
-    if bool(tie.any()):  # equal distances: gallery index decides; few entries
-        tr, tc = tie.nonzero(as_tuple=True)
-        d = dist[tr, tc][:, None]
-        before = (seq[tr] < d) | ((seq[tr] == d) & (col[tr] < tc[:, None]))
-        b[tr, tc] = before.sum(1)
-    cand &= b < counts[:, None]  # entries after the row's last match do not matter
-    gidx = torch.where(cand, b + mstart[:, None], m)
-    bins = torch.bincount(gidx.view(-1), minlength=m + 1)[:m]
-    return _ranks_from_bins(bins, mr, mstart)
+    g = mask.shape[1]
+    flat = mask.view(-1)
+    n8 = flat.shape[0] // 8 * 8
+    words = flat[:n8].view(torch.int64)
+    if int(torch.count_nonzero(words)) > _SPARSE_WORDS * words.shape[0]:
+        return mask.nonzero(as_tuple=True)
+    pos = words.nonzero().view(-1)
+    pos = (pos[:, None] * 8 + torch.arange(8, device=flat.device)).view(-1)
+    pos = pos.index_select(0, flat.index_select(0, pos).nonzero().view(-1))
+    if n8 < flat.shape[0]:
+        pos = torch.cat([pos, flat[n8:].nonzero().view(-1) + n8])
+    rows = pos // g
+    return rows, pos - rows * g
+
+
+def _buckets(x: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
+    """Bucket ``floor((x - lo) * scale) + 1`` clamped to ``[0, k + 1]``, as floats.
+
+    Non-decreasing in ``x`` (each float operation is), so an item in a lower bucket than
+    a match distance is strictly closer. Bucket 0 holds items closer than the row's
+    nearest match, bucket ``k + 1`` (the overflow) items beyond the farthest one.
+    """
+    u = torch.sub(x, lo).mul_(scale)
+    return u.floor_().clamp_(-1.0, float(k)).add_(1.0)
 
 
 def _match_ranks(
     dist: torch.Tensor,
+    q_pids: torch.Tensor,
+    g_pids: torch.Tensor,
     match_rows: torch.Tensor,
     match_cols: torch.Tensor,
     junk_rows: torch.Tensor,
@@ -265,13 +291,17 @@ def _match_ranks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based ranks of the true matches among the kept gallery of each row.
 
-    Nothing is sorted but the matches themselves: each kept non-match that is not
-    farther than its row's farthest match is binned by how many of the row's matches
-    precede it (binary search in the sorted match list), and a cumulative count of the
-    bins gives every match's rank. Ties are broken by gallery index (stable order).
+    The rank of a match is the number of kept gallery items before it (ties by gallery
+    index). Nothing is sorted but the matches: each row's range from its nearest to its
+    farthest match is split into ``_BUCKETS`` equal buckets; items in buckets holding no
+    match are only counted (one ``bincount``), and the few items sharing a bucket with a
+    match are compared with those matches exactly (distance, then gallery index). When
+    few items can precede a row's farthest match (features that rank well), only those
+    are gathered first.
 
     Args:
-        dist: ``(n, G)`` finite distances.
+        dist: ``(n, G)`` finite distances, contiguous.
+        q_pids, g_pids: ``(n,)`` and ``(G,)`` labels.
         match_rows, match_cols: ``(M,)`` positions of the true matches (row-major order).
         junk_rows, junk_cols: positions removed for their row (same pid and camera).
         g_ignore: ``(G,)`` bool, gallery entries removed for every row, or None.
@@ -285,6 +315,8 @@ def _match_ranks(
     m = match_rows.shape[0]
     if m == 0:
         return match_rows, match_rows
+    k = min(_BUCKETS, max(16, g // 8))  # buckets per row: a small fraction of the row
+    nb = k + 2  # with bucket 0 and the overflow
     # matches sorted by (row, distance, gallery index): two stable sorts of M entries
     md = dist[match_rows, match_cols]
     o = torch.sort(md, stable=True).indices
@@ -292,43 +324,66 @@ def _match_ranks(
     mr, mc, md = match_rows[o], match_cols[o], md[o]
     counts = torch.bincount(mr, minlength=n)
     mstart = counts.cumsum(0) - counts
-    far = torch.full((n,), -math.inf, dtype=dist.dtype, device=dev)
-    far.scatter_reduce_(0, mr, md, reduce="amax")
-    # candidates: kept non-matches at most as far as the row's farthest match
-    cand = dist <= far[:, None]  # rows without matches: far = -inf, no candidates
-    cand[match_rows, match_cols] = False
-    if junk_rows.numel():
+    has = counts > 0
+    lo = torch.where(has, md[mstart.clamp_max(m - 1)], 0.0).to(dist.dtype)
+    far = torch.where(has, md[(mstart + counts - 1).clamp(0, m - 1)], -math.inf).to(dist.dtype)
+    # (k - 2) / span: the farthest match lands in bucket <= k - 1, never the overflow
+    span = (far - lo).double()
+    scale = ((k - 2) / span).clamp_max(torch.finfo(dist.dtype).max)
+    scale = torch.where(has, scale, 0.0).to(dist.dtype)  # rows without matches: bucket 1
+    # (row, bucket) keys of the matches: sorted, since buckets are monotone
+    mkey = (mr * nb).add_(_buckets(md, lo[mr], scale[mr], k).long())
+    shared = torch.zeros(n * nb, dtype=torch.bool, device=dev)
+    shared[mkey] = True  # buckets holding a match
+    est = (dist[:, ::_SAMPLE_STRIDE] <= far[:, None]).float().mean()
+    if float(est) > _DENSE_FRACTION:
+        # every item: bucket (excluded ones to the overflow), count, find the shared ones
+        key_f = _buckets(dist, lo[:, None], scale[:, None], k)
+        overflow = float(k + 1)
+        key_f[match_rows, match_cols] = overflow
+        key_f[junk_rows, junk_cols] = overflow
+        if g_ignore is not None:
+            key_f.masked_fill_(g_ignore, overflow)
+        key_f.add_((torch.arange(n, device=dev) * nb).to(key_f.dtype)[:, None])
+        key = key_f.view(-1).to(torch.int32)  # int32 keys: cheaper to convert and count
+        del key_f
+        hist = torch.bincount(key, minlength=n * nb)
+        xr, xc = _nonzero_2d(shared.index_select(0, key).view(n, g))
+        xkey = key.view(n, g)[xr, xc].long()
+    else:
+        # few candidates: gather the kept items not farther than the row's farthest match
+        cand = dist <= far[:, None]
+        cand[match_rows, match_cols] = False
         cand[junk_rows, junk_cols] = False
-    if g_ignore is not None:
-        cand &= ~g_ignore
-    if int(torch.count_nonzero(cand)) > _DENSE_FRACTION * n * g:
-        return mr, _dense_bins(dist, cand, mr, mc, md, counts, mstart)
-    cr, cc = cand.nonzero(as_tuple=True)
-    del cand
-    cd = dist[cr, cc]
-    kc = _key32(cr, cd)
-    km = _key32(mr, md)
-    b = torch.searchsorted(km, kc)  # matches with a smaller key (global index)
-    tie = km[b.clamp_max(m - 1)] == kc
-    tie &= b < m
-    if bool(tie.any()):
-        # equal keys: decide exactly on (distance, gallery index); few entries
-        ti = tie.nonzero(as_tuple=True)[0]
-        e = torch.searchsorted(km, kc[ti], right=True)
-        width = int((e - b[ti]).max())
-        step = max(1, (1 << 22) // width)
-        for s in range(0, ti.shape[0], step):
-            t = ti[s : s + step]
-            bt = b[t]
-            j = bt[:, None] + torch.arange(width, device=dev)[None, :]
-            inside = j < e[s : s + t.shape[0], None]
-            j = j.clamp_max(m - 1)
-            before = (md[j] < cd[t, None]) | ((md[j] == cd[t, None]) & (mc[j] < cc[t, None]))
-            b[t] = bt + (before & inside).sum(1)
-    local = b - mstart[cr]
-    keep = local < counts[cr]  # after the row's last match: irrelevant
-    bins = torch.bincount(b[keep], minlength=m)  # non-matches just before match b
-    return mr, _ranks_from_bins(bins, mr, mstart)
+        if g_ignore is not None:
+            cand.masked_fill_(g_ignore, False)
+        xr, xc = _nonzero_2d(cand)
+        del cand
+        xd = dist[xr, xc]
+        xb = _buckets(xd, lo.index_select(0, xr), scale.index_select(0, xr), k)
+        xkey = (xr * nb).add_(xb.long())
+        hist = torch.bincount(xkey, minlength=n * nb)
+        at = shared.index_select(0, xkey).nonzero().view(-1)
+        xr, xc, xkey = xr[at], xc[at], xkey[at]
+    xd = dist[xr, xc]
+    # items in buckets without a match: all of them precede exactly the later matches
+    hist[mkey] = 0
+    bulk = hist.view(n, nb).cumsum(1).view(-1)[mkey - 1]  # match buckets are >= 1
+    # items sharing a bucket with matches: count the matches before each, exactly
+    first = torch.searchsorted(mkey, xkey)
+    stop = torch.searchsorted(mkey, xkey, right=True)
+    before = first.clone()
+    for w in range(int((stop - first).max()) if xkey.numel() else 0):
+        j = first + w
+        jc = j.clamp_max(m - 1)
+        dj = md[jc]
+        before += (j < stop) & ((dj < xd) | ((dj == xd) & (mc[jc] < xc)))
+    keep = before < mstart[xr] + counts[xr]  # after the row's last match: irrelevant
+    bins = torch.bincount(before[keep], minlength=m)
+    csum = bins.cumsum(0)
+    shared_before = csum - (csum - bins)[mstart[mr]]  # cumulative within the row
+    ranks = (torch.arange(m, device=dev) - mstart[mr]) + bulk + shared_before
+    return mr, ranks
 
 
 def _chunk_stats(
@@ -338,22 +393,23 @@ def _chunk_stats(
     qc: torch.Tensor | None,
     gc: torch.Tensor | None,
     g_ignore: torch.Tensor | None,
+    gallery: _GalleryPids,
     ap_mode: str,
 ) -> dict[str, torch.Tensor]:
     """Per-query statistics of one chunk: valid, AP, INP, first-hit rank (all ``(n,)``)."""
-    dist = dist.contiguous()  # e.g. a transposed input: binary searches need rows
+    dist = dist.contiguous()  # e.g. a transposed input: rows are scanned
     n = dist.shape[0]
     dev = dist.device
-    same_pid = qp[:, None] == gp[None, :]
+    pr, pc = gallery.same_pid_pairs(qp)  # few: handled sparsely from here on
     if g_ignore is not None:
-        same_pid &= ~g_ignore
-    pr, pc = same_pid.nonzero(as_tuple=True)  # few: handled sparsely from here on
+        ok = ~g_ignore[pc]
+        pr, pc = pr[ok], pc[ok]
     if qc is not None:
         junk = qc[pr] == gc[pc]
         mr, mc, jr, jc = pr[~junk], pc[~junk], pr[junk], pc[junk]
     else:
         mr, mc, jr, jc = pr, pc, pr[:0], pc[:0]
-    rows, ranks = _match_ranks(dist, mr, mc, jr, jc, g_ignore)
+    rows, ranks = _match_ranks(dist, qp, gp, mr, mc, jr, jc, g_ignore)
     num_match = torch.bincount(rows, minlength=n)
     starts = num_match.cumsum(0) - num_match
     i = (torch.arange(rows.shape[0], device=dev) - starts[rows]).double()
@@ -412,13 +468,23 @@ class RankAccumulator:
             else _labels(g_camids, "g_camids", self.gp.shape[0], self.device)
         )
         self.g_ignore = _ignore_mask(self.gp, ignore_gallery_pids)
+        self._gallery = _GalleryPids(self.gp)
         self.max_rank = int(max_rank)
         self.ap_mode = ap_mode
         self._parts: list[dict[str, torch.Tensor]] = []
         self._seen = 0
 
-    def update(self, dist: torch.Tensor, q_pids: Any, q_camids: Any = None) -> None:
-        """Add a ``(n, G)`` block of distance rows for ``n`` queries."""
+    def update(self, dist: np.ndarray | torch.Tensor, q_pids: Any, q_camids: Any = None) -> None:
+        """Add a ``(n, G)`` block of distance rows for ``n`` queries (numpy or torch).
+
+        A block that fails validation (shape, labels, NaN / inf) leaves the accumulator
+        as it was.
+        """
+        self._update(dist, q_pids, q_camids, None)
+
+    @bounded_threads
+    def _update(self, dist: Any, q_pids: Any, q_camids: Any, piece_rows: int | None) -> None:
+        dist = as_tensor(dist, "dist")
         if dist.ndim != 2 or dist.shape[1] != self.gp.shape[0]:
             raise ValueError(
                 f"distance block must have shape (n, {self.gp.shape[0]}), got {tuple(dist.shape)}"
@@ -426,25 +492,29 @@ class RankAccumulator:
         dist = dist.to(self.device)
         if dist.dtype in (torch.float16, torch.bfloat16) or not torch.is_floating_point(dist):
             dist = dist.float()
-        _check_finite(dist, self._seen)
         qp = _labels(q_pids, "q_pids", dist.shape[0], self.device)
         if (q_camids is None) != (self.gc is None):
             _check_camids(q_camids, self.gc)
         qc = None if q_camids is None else _labels(q_camids, "q_camids", dist.shape[0], self.device)
-        step = _chunk_rows(dist.shape[1], None)
-        for s in range(0, dist.shape[0], step):  # cache-sized pieces
+        step = piece_rows or _piece_rows(dist.shape[1], self.device)
+
+        def piece_stats(s: int) -> dict[str, torch.Tensor]:
             piece = slice(s, s + step)
-            self._parts.append(
-                _chunk_stats(
-                    dist[piece],
-                    qp[piece],
-                    self.gp,
-                    None if qc is None else qc[piece],
-                    self.gc,
-                    self.g_ignore,
-                    self.ap_mode,
-                )
+            _check_finite(dist[piece], self._seen + s)  # also brings the piece into cache
+            return _chunk_stats(
+                dist[piece],
+                qp[piece],
+                self.gp,
+                None if qc is None else qc[piece],
+                self.gc,
+                self.g_ignore,
+                self._gallery,
+                self.ap_mode,
             )
+
+        # cache-sized pieces, one per thread at a time; kept only when all are valid
+        parts = parallel_map(piece_stats, range(0, dist.shape[0], step), dist.device)
+        self._parts.extend(parts)
         self._seen += dist.shape[0]
 
     def result(self) -> EvalResult:
@@ -493,6 +563,13 @@ def _cmc_from_first_hits(
     return cmc
 
 
+def _piece_rows(num_gallery: int, device: torch.device) -> int:
+    """Rows evaluated at once: about ``_PIECE_ELEMENTS`` items, and few enough rows that
+    the ``row * buckets + bucket`` keys stay exact in float32."""
+    budget = _PIECE_ELEMENTS.get(device.type, _PIECE_ELEMENTS["cuda"])
+    return max(1, min(budget // max(num_gallery, 1), (1 << 23) // (_BUCKETS + 2)))
+
+
 def _chunk_rows(num_gallery: int, chunk_size: int | None) -> int:
     if chunk_size is not None:
         if chunk_size < 1:
@@ -501,6 +578,7 @@ def _chunk_rows(num_gallery: int, chunk_size: int | None) -> int:
     return max(1, _CHUNK_ELEMENTS // max(num_gallery, 1))
 
 
+@bounded_threads
 def evaluate_rank(
     distmat: np.ndarray | torch.Tensor,
     q_pids: Any,
@@ -536,6 +614,16 @@ def evaluate_rank(
         ValueError: on shape mismatches, non-finite distances, an empty query set, or when
             no query has a true match.
     """
+    for name, labels in zip(
+        ("q_pids", "g_pids", "q_camids", "g_camids"), (q_pids, g_pids, q_camids, g_camids)
+    ):
+        if labels is not None and not isinstance(labels, torch.Tensor):
+            if np.asarray(labels).dtype.kind in "USO":  # strings / objects: not label ids
+                raise ValueError(
+                    f"{name}: labels must be integers, got {np.asarray(labels).dtype} values "
+                    f"(e.g. {np.asarray(labels).flat[0]!r}); map them to ints first, e.g. "
+                    "{p: i for i, p in enumerate(sorted(set(pids)))}"
+                )
     dist = as_tensor(distmat, "distmat")
     if dist.ndim != 2:
         raise ValueError(f"distmat: expected a 2-D (Q, G) matrix, got shape {tuple(dist.shape)}")
@@ -547,12 +635,11 @@ def evaluate_rank(
     dev = dist.device
     qp, gp, qc, gc = _query_gallery_labels(q_pids, g_pids, q_camids, g_camids, nq, ng, dev)
     acc = RankAccumulator(gp, gc, max_rank, ap_mode, ignore_gallery_pids, dev)
-    step = _chunk_rows(ng, chunk_size)
-    for s in range(0, nq, step):
-        acc.update(dist[s : s + step], qp[s : s + step], None if qc is None else qc[s : s + step])
+    acc._update(dist, qp, qc, None if chunk_size is None else _chunk_rows(ng, chunk_size))
     return acc.result()
 
 
+@bounded_threads
 def evaluate_features(
     qf: np.ndarray | torch.Tensor,
     gf: np.ndarray | torch.Tensor,

@@ -15,7 +15,8 @@
 - result ``(1 - lambda) * jaccard + lambda * Dn`` for the query-gallery block.
 
 Here everything is vectorised in torch and ``V`` is kept sparse (each row has a few
-dozen non-zeros), so the cost is dominated by building ``Dn`` and one top-k pass.
+dozen non-zeros), so the cost is dominated by one top-k pass over ``Dn``, whose row
+blocks are built in cache-sized tiles (the transposition included) and never held whole.
 Nearest-neighbour lists use a stable order (ties broken by index); the original used an
 unstable sort, so both agree on inputs without ties.
 
@@ -37,6 +38,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from ..threads import bounded_threads, parallel_map
 from .distance import GalleryDistance, Metric, as_tensor, l2_normalize
 
 __all__ = [
@@ -47,8 +49,10 @@ __all__ = [
     "stable_topk_smallest",
 ]
 
-_PAIR_BUDGET = 1 << 23  # pairs processed at once in the sparse steps
+_PAIR_BUDGET = 1 << 20  # pairs processed at once in the sparse steps
 _BITMAP_MAX = 1 << 28  # largest (Q+G)^2 for a membership bitmap (256 MB)
+_BLOCK_ELEMENTS = 1 << 20  # rows of the (Q+G)^2 matrix handled at once (4 MB float32)
+_TILE = 128  # side of the tiles of transposed copies
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -86,11 +90,15 @@ def stable_topk_smallest(d: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _unique(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted unique values and the inverse map (faster than ``torch.unique`` on CPU)."""
-    sk, order = torch.sort(keys)
+    """Sorted unique values and the inverse map (faster than ``torch.unique`` on CPU).
+
+    Keys below 2**31 are sorted as int32 (about twice as fast as int64).
+    """
+    small = keys.numel() == 0 or int(keys.max()) < 2**31
+    sk, order = torch.sort(keys.int() if small else keys)
     new = torch.ones_like(sk, dtype=torch.bool)
     new[1:] = sk[1:] != sk[:-1]
-    uniq = sk[new]
+    uniq = sk[new].long()
     inv = torch.empty_like(order)
     inv[order] = new.long().cumsum(0) - 1
     return uniq, inv
@@ -151,8 +159,9 @@ def _expansion_sets(rank: torch.Tensor, k1: int) -> tuple[torch.Tensor, torch.Te
         accepted = ri & (inter.double() > (2.0 / 3.0) * size_h.index_select(0, flat).view(fi.shape))
         k_rec = (rows[:, None] * n + fi)[ri]
         k_add = q[accepted[..., None] & c_ok]
-        keys.append(torch.cat([k_rec, k_add]))
-    key = _unique(torch.cat(keys))[0]
+        # chunk-relative keys (small enough for a fast int32 sort), then back
+        keys.append(_unique(torch.cat([k_rec, k_add]) - s * n)[0] + s * n)
+    key = torch.cat(keys)
     return key // n, key % n
 
 
@@ -193,8 +202,9 @@ def _query_expand(
             s, s + nbr[s : s + chunk].shape[0], device=rows.device
         ).repeat_interleave(k2)
         seg, pos = _segment_expand(counts[src], starts[src])
-        key = dst[seg] * n + cols[pos]
+        key = (dst[seg] - s) * n + cols[pos]  # chunk-relative: a fast int32 sort
         uk, inv = _unique(key)
+        uk += s * n
         acc = torch.zeros(uk.shape[0], dtype=vals.dtype, device=vals.device).index_add_(
             0, inv, vals[pos]
         )
@@ -216,50 +226,127 @@ def _budget_edges(cum: torch.Tensor, budget: int) -> list[int]:
     return sorted({0, m, *cuts})
 
 
-def _jaccard_blocks(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    vals: torch.Tensor,
-    num_query: int,
-    n: int,
-    query_chunk: int,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(start, jaccard)`` blocks of the ``(Q, G)`` Jaccard distance.
+class _Jaccard:
+    """The ``(Q, G)`` Jaccard distance of the sparse ``V``, block by block of queries.
 
-    ``s[i, j] = sum_k min(V[i, k], V[j, k])`` over the sparse ``V`` (rows sorted by
-    (row, col)); only pairs sharing a column are visited.
+    ``s[i, j] = sum_k min(V[i, k], V[j, k])`` over ``V`` given as ``(rows, cols, vals)``
+    sorted by (row, col); only pairs sharing a column are visited. Blocks are independent
+    (:meth:`block` may run on several threads at once).
     """
-    num_gallery = n - num_query
-    dev = vals.device
-    g = rows >= num_query
-    gr, gcol, gv = rows[g], cols[g], vals[g]
-    o = torch.argsort(gcol, stable=True)
-    gr, gcol, gv = gr[o] - num_query, gcol[o], gv[o]
-    ccount = torch.bincount(gcol, minlength=n)
-    cstart = ccount.cumsum(0) - ccount
-    rcount = torch.bincount(rows, minlength=n)
-    rstart = rcount.cumsum(0) - rcount
-    for s in range(0, num_query, query_chunk):
-        e = min(s + query_chunk, num_query)
-        temp = torch.zeros((e - s) * num_gallery, dtype=vals.dtype, device=dev)
-        lo, hi = int(rstart[s]), int(rstart[e - 1] + rcount[e - 1])
-        qr, qc, qv = rows[lo:hi], cols[lo:hi], vals[lo:hi]
+
+    def __init__(
+        self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, num_query: int, n: int
+    ) -> None:
+        self.num_query, self.num_gallery = num_query, n - num_query
+        g = rows >= num_query
+        gr, gcol, gv = rows[g], cols[g], vals[g]
+        o = torch.sort(gcol.int(), stable=True).indices
+        # gallery entries grouped by column: rows (int32: cheaper to gather) and values
+        self.gr, self.gv = (gr[o] - num_query).int(), gv[o]
+        self.ccount = torch.bincount(gcol, minlength=n)
+        self.cstart = self.ccount.cumsum(0) - self.ccount
+        rcount = torch.bincount(rows, minlength=n)
+        self.rend = rcount.cumsum(0)
+        self.rows, self.cols, self.vals = rows, cols, vals
+
+    def block(self, s: int, e: int) -> torch.Tensor:
+        """``(e - s, G)`` float32 Jaccard distances of queries ``s:e``."""
+        ng = self.num_gallery
+        temp = torch.zeros((e - s) * ng, dtype=self.vals.dtype, device=self.vals.device)
+        lo = int(self.rend[s - 1]) if s > 0 else 0
+        hi = int(self.rend[e - 1])
+        qr, qc, qv = self.rows[lo:hi], self.cols[lo:hi], self.vals[lo:hi]
+        small = (e - s) * ng < 2**31  # int32 target positions
         # split the query entries so each piece visits about _PAIR_BUDGET pairs
-        edges = _budget_edges(ccount[qc].cumsum(0), _PAIR_BUDGET)
+        edges = _budget_edges(self.ccount[qc].cumsum(0), _PAIR_BUDGET)
         for a, b in zip(edges[:-1], edges[1:]):
             cols_ab = qc[a:b]
             seg, pos = _segment_expand(
-                ccount.index_select(0, cols_ab), cstart.index_select(0, cols_ab)
+                self.ccount.index_select(0, cols_ab), self.cstart.index_select(0, cols_ab)
             )
-            mins = torch.minimum(qv[a:b].index_select(0, seg), gv.index_select(0, pos))
-            base = (qr[a:b] - s).mul_(num_gallery)
-            target = base.index_select(0, seg).add_(gr.index_select(0, pos))
+            mins = torch.minimum(qv[a:b].index_select(0, seg), self.gv.index_select(0, pos))
+            base = (qr[a:b] - s).mul_(ng)
+            if small:
+                base = base.int()
+            target = base.index_select(0, seg).add_(self.gr.index_select(0, pos))
             temp.index_add_(0, target, mins)
-        temp = temp.view(e - s, num_gallery)
-        yield s, temp.neg_().add_(2.0).reciprocal_().mul_(-2.0).add_(2.0)  # 1 - t/(2-t)
+        temp = temp.view(e - s, ng)
+        return temp.neg_().add_(2.0).reciprocal_().mul_(-2.0).add_(2.0)  # 1 - t/(2-t)
+
+    def blocks(self, query_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, block)`` for consecutive chunks of ``query_chunk`` queries."""
+        for s in range(0, self.num_query, query_chunk):
+            yield s, self.block(s, min(s + query_chunk, self.num_query))
+
+
+class _TransposedDistances:
+    """``D^T`` for ``D = [[q_q, q_g], [q_g^T, g_g]]``, read in float32 pieces.
+
+    Transposed reads are done in square tiles small enough for the cache: a whole-matrix
+    transposed copy strides through memory and is several times slower than a plain one.
+    """
+
+    def __init__(self, qq: torch.Tensor, qg: torch.Tensor, gg: torch.Tensor) -> None:
+        self.qq, self.qg, self.gg = qq, qg, gg
+        self.nq = qq.shape[0]
+        self.n = self.nq + gg.shape[0]
+
+    @staticmethod
+    def _copy_transposed(out: torch.Tensor, src: torch.Tensor) -> None:
+        """``out[:] = src.T`` tile by tile (``out``: ``(r, c)``, ``src``: ``(c, r)``)."""
+        for c in range(0, src.shape[0], _TILE):
+            out[:, c : c + _TILE].copy_(src[c : c + _TILE].T)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """``D^T[start:stop]`` as a new contiguous ``(stop - start, Q + G)`` float32 tensor."""
+        nq = self.nq
+        out = torch.empty((stop - start, self.n), dtype=torch.float32, device=self.qg.device)
+        if start < nq:  # query rows i: D^T[i] = [q_q[:, i], q_g[i]]
+            e = min(stop, nq)
+            part = out[: e - start]
+            for c in range(0, e - start, _TILE):
+                self._copy_transposed(
+                    part[c : c + _TILE, :nq], self.qq[:, start + c : min(e, start + c + _TILE)]
+                )
+            part[:, nq:] = self.qg[start:e]
+        if stop > nq:  # gallery rows j: D^T[nq + j] = [q_g[:, j], g_g[:, j]]
+            s = max(start, nq)
+            part = out[s - start :]
+            for c in range(0, stop - s, _TILE):
+                cols = slice(s - nq + c, min(stop, s + c + _TILE) - nq)
+                sub = part[c : c + _TILE]
+                self._copy_transposed(sub[:, :nq], self.qg[:, cols])
+                self._copy_transposed(sub[:, nq:], self.gg[:, cols])
+        return out
+
+    def values(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``D^T[rows, cols]`` (float32) for index pairs."""
+        nq = self.nq
+        out = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+        rq, cq = rows < nq, cols < nq
+        for sel, mat, r_of, c_of in (
+            (rq & cq, self.qq, lambda r, c: c, lambda r, c: r),  # q_q[c, r]
+            (~rq & cq, self.qg, lambda r, c: c, lambda r, c: r - nq),  # q_g[c, r - nq]
+            (rq & ~cq, self.qg, lambda r, c: r, lambda r, c: c - nq),  # q_g[r, c - nq]
+            (~rq & ~cq, self.gg, lambda r, c: c - nq, lambda r, c: r - nq),  # g_g^T
+        ):
+            at = sel.nonzero().view(-1)
+            r, c = rows[at], cols[at]
+            out[at] = mat[r_of(r, c), c_of(r, c)].float()
+        return out
+
+
+def _check_rowmax(rowmax: torch.Tensor, nan_message: str) -> None:
+    if not bool(torch.isfinite(rowmax).all()):
+        raise ValueError(nan_message)
+    if bool((rowmax <= 0).any()):
+        raise ValueError(
+            "re_ranking: a column of the distance matrix is all zeros (duplicate features?)"
+        )
 
 
 # --------------------------------------------------------------------------- dense API
+@bounded_threads
 def re_ranking(
     q_g_dist: np.ndarray | torch.Tensor,
     q_q_dist: np.ndarray | torch.Tensor,
@@ -282,8 +369,9 @@ def re_ranking(
         ``(Q, G)`` float32 re-ranked distances; a numpy array if ``q_g_dist`` is one,
         else a torch tensor on its device.
 
-    Memory: ``O((Q+G)^2)`` floats for the distance matrix (about 0.8 GB at 2,000 x
-    8,000, against 2.8 GB for the original); use :func:`re_ranking_features` beyond.
+    Memory: the three inputs plus the ``Q x G`` output and ``O((Q+G) * k1^2)``; the
+    ``(Q+G)^2`` normalised matrix is never held (row blocks of it are built, reduced to
+    top-k lists and dropped). The original holds several ``(Q+G)^2`` float32 copies.
     """
     is_np = not isinstance(q_g_dist, torch.Tensor)
     qg = as_tensor(q_g_dist, "q_g_dist")
@@ -298,31 +386,38 @@ def re_ranking(
         )
     _check_params(k1, k2, lambda_value, nq + ng)
     n = nq + ng
-    # Dn = transpose(D / colmax(D)) = D^T / rowmax(D^T): build D^T directly (squared)
-    dn = torch.empty((n, n), dtype=torch.float32, device=dev)
-    dn[:nq, :nq] = qq.T
-    dn[:nq, nq:] = qg
-    dn[nq:, :nq] = qg.T
-    dn[nq:, nq:] = gg.T
-    dn.square_()
-    rowmax = dn.amax(1)  # NaN and inf propagate here: a free finiteness check
-    if not bool(torch.isfinite(rowmax).all()):
-        raise ValueError("re_ranking: the distance matrices contain NaN or inf")
-    if bool((rowmax <= 0).any()):
-        raise ValueError(
-            "re_ranking: a column of the distance matrix is all zeros (duplicate features?)"
-        )
-    dn.div_(rowmax[:, None])
-    rank = stable_topk_smallest(dn, max(k1 + 1, k2))
+    # Dn = transpose(D / colmax(D)) = D^T / rowmax(D^T), D squared. Dn is never held:
+    # row blocks of D^T are built in cache-sized tiles (no slow whole-matrix transposed
+    # copy), reduced to their row maxima and stable top-k lists, and the few entries
+    # needed later are read back from the inputs (with exactly the same float ops).
+    dt = _TransposedDistances(qq, qg, gg)
+    kk = max(k1 + 1, k2)
+    rank = torch.empty((n, kk), dtype=torch.long, device=dev)
+    rowmax = torch.empty(n, dtype=torch.float32, device=dev)
+    step = max(1, _BLOCK_ELEMENTS // n)
+
+    def neighbours(s: int) -> None:  # blocks are independent: one per thread at a time
+        e = min(n, s + step)
+        block = dt.rows(s, e).square_()
+        rowmax[s:e] = block.amax(1)  # NaN and inf propagate here: a free finiteness check
+        _check_rowmax(rowmax[s:e], "re_ranking: the distance matrices contain NaN or inf")
+        rank[s:e] = stable_topk_smallest(block.div_(rowmax[s:e, None]), kk)
+
+    parallel_map(neighbours, range(0, n, step), dev)
     rows, cols = _expansion_sets(rank, k1)
-    vals = _row_normalised_weights(rows, dn[rows, cols], n)
+    vals = _row_normalised_weights(rows, dt.values(rows, cols).square_() / rowmax[rows], n)
     if k2 != 1:
         rows, cols, vals = _query_expand(rows, cols, vals, rank, k2, n)
     out = torch.empty((nq, ng), dtype=torch.float32, device=dev)
-    chunk = max(1, (1 << 22) // max(ng, 1))
-    for s, jac in _jaccard_blocks(rows, cols, vals, nq, n, chunk):
-        e = s + jac.shape[0]
-        out[s:e] = jac.mul_(1 - lambda_value).add_(dn[s:e, nq:], alpha=lambda_value)
+    chunk = max(1, _BLOCK_ELEMENTS // max(ng, 1))
+    jaccard = _Jaccard(rows, cols, vals, nq, n)
+
+    def final(s: int) -> None:
+        e = min(nq, s + chunk)
+        base = qg[s:e].float().square().div_(rowmax[s:e, None])  # Dn[s:e, nq:]; input untouched
+        out[s:e] = jaccard.block(s, e).mul_(1 - lambda_value).add_(base, alpha=lambda_value)
+
+    parallel_map(final, range(0, nq, chunk), dev)
     return out.cpu().numpy() if is_np else out
 
 
@@ -358,6 +453,7 @@ def _pair_sqdist(
     return out.square()
 
 
+@bounded_threads
 def iter_re_ranking_features(
     qf: np.ndarray | torch.Tensor,
     gf: np.ndarray | torch.Tensor,
@@ -414,12 +510,13 @@ def iter_re_ranking_features(
     del rank
     qchunk = chunk_size or max(1, (1 << 22) // max(ng, 1))
     to_gallery = GalleryDistance(x[nq:], metric)
-    for s, jac in _jaccard_blocks(rows, cols, vals, nq, n, qchunk):
+    for s, jac in _Jaccard(rows, cols, vals, nq, n).blocks(qchunk):
         e = s + jac.shape[0]
         base = to_gallery(x[s:e]).float().square_().div_(rowmax[s:e, None])
         yield s, jac.mul_(1 - lambda_value).add_(base, alpha=lambda_value)
 
 
+@bounded_threads
 def re_ranking_features(
     qf: np.ndarray | torch.Tensor,
     gf: np.ndarray | torch.Tensor,
@@ -464,6 +561,7 @@ def re_ranking_features(
 
 
 # ------------------------------------------------------------------------------ alpha-QE
+@bounded_threads
 def average_query_expansion(
     qf: np.ndarray | torch.Tensor,
     gf: np.ndarray | torch.Tensor,

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from decimal import ROUND_HALF_UP, Decimal
 
 from .rank import EvalResult
 
-__all__ = ["format_metrics_table"]
+__all__ = ["format_metrics_table", "format_percent"]
+
+
+def format_percent(value: float, digits: int = 2) -> str:
+    """``value`` (a fraction) in percent with ``digits`` decimals, rounding half up:
+    ``0.0625 -> '6.25'``, ``0.06255 -> '6.26'`` (Python's ``format`` would round the binary
+    float half to even). Every table, log line and report uses this, so they agree."""
+    # 12 significant digits first: 100 * 0.1 is 10.000000000000002 in binary
+    exact = Decimal(f"{100.0 * float(value):.12g}")
+    return str(exact.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
+
 
 _COLUMNS = (("mAP", None), ("R1", 1), ("R5", 5), ("R10", 10), ("mINP", None))
 
@@ -21,7 +32,7 @@ def _cell(res: EvalResult, col: str, k: int | None, digits: int) -> str:
         if k > len(res.cmc):
             return "-"
         v = res.rank(k)
-    return f"{100.0 * v:.{digits}f}"
+    return format_percent(v, digits)
 
 
 def format_metrics_table(

@@ -1,6 +1,9 @@
 """Backbones, pooling and heads.
 
-``build_backbone(name, ...)`` builds a ResNet trunk with torchvision key names;
+``build_backbone(name, ...)`` builds a backbone by name: the ResNet / IBN-a trunks with
+torchvision key names (:mod:`reidkit.models.resnet`) and the zoo of
+:mod:`reidkit.models.backbones` (ResNeSt, SE-ResNet/ResNeXt, Residual Attention Network,
+OSNet, ViT/DeiT), each in the key layout of its published weights.
 ``load_pretrained(model, path)`` loads a *local* weights file into it (never downloads,
 never unpickles code).
 """
@@ -8,7 +11,6 @@ never unpickles code).
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from reidkit.errors import UserError, describe_load_error, one_line
+from reidkit.models import backbones as zoo
 from reidkit.models.backbone import Backbone, BackboneTail, split_backbone
 from reidkit.models.heads import BNNeck
 from reidkit.models.ibn import IBN
@@ -35,6 +39,7 @@ __all__ = [
     "LoadReport",
     "NonLocalBlock",
     "PretrainedLoadError",
+    "missing_pretrained_message",
     "ResNet",
     "available_backbones",
     "backbone_from_config",
@@ -62,8 +67,9 @@ _BACKBONES: dict[str, tuple[int, bool]] = {
 _IGNORED_PREFIXES = ("fc.",)
 
 
-class PretrainedLoadError(RuntimeError):
-    """A weights file is missing, unreadable, unsafe or does not fit the model."""
+class PretrainedLoadError(UserError, RuntimeError):
+    """A weights file is missing, unreadable, unsafe or does not fit the model (one line
+    naming the file and what to do)."""
 
 
 @dataclass
@@ -88,8 +94,8 @@ class LoadReport:
 
 
 def available_backbones() -> list[str]:
-    """Names accepted by :func:`build_backbone`."""
-    return sorted(_BACKBONES)
+    """Names accepted by :func:`build_backbone` (ResNets and the backbone zoo)."""
+    return sorted(set(_BACKBONES) | set(zoo.available()))
 
 
 def build_backbone(
@@ -100,44 +106,72 @@ def build_backbone(
     non_local_inner_channels: int | None = 1,
     pretrained: str | Path | None = None,
     width: int = 64,
-) -> ResNet:
+    **options: Any,
+) -> nn.Module:
     """Build a backbone by name.
 
     Args:
-        name: one of :func:`available_backbones` (``resnet18/34/50/101`` and the
-            ``*_ibn_a`` variants).
-        last_stride: stride of layer4 (1 for re-ID: 16x8 maps at 256x128; 2 = ImageNet).
-        ibn: IBN-a in layer1-3 (same as the ``*_ibn_a`` names).
+        name: one of :func:`available_backbones`: ``resnet18/34/50/101`` and the
+            ``*_ibn_a`` variants, or a zoo backbone (``resnest50``, ``se_resnext50_32x4d``,
+            ``resattnet56``, ``osnet_x1_0``, ``vit_base_patch16``, ...; see
+            ``docs/backbones.md``).
+        last_stride: stride of the last stage (1 for re-ID: 16x8 maps at 256x128; 2 = the
+            ImageNet network). OSNet and ViT have no strided last stage and ignore it.
+        ibn: IBN-a in layer1-3 (same as the ``*_ibn_a`` names; ResNets only).
         non_local_layers: ``{"layer2": [2, 3], "layer3": [3, 4, 5]}`` (AGW) inserts
-            non-local blocks after those 0-based block indices; ``None``: none.
+            non-local blocks after those 0-based block indices; ``None``: none (ResNets
+            only for now).
         non_local_inner_channels: inner width of the non-local blocks (AGW: 1;
             ``None``: half the input channels).
-        pretrained: local ImageNet weights (``.pth``/``.pt``/``.bin``/``.safetensors``);
-            ``None`` trains from scratch (logged).
-        width: base width (64 = the standard networks; smaller only for tests).
+        pretrained: local weights (``.pth``/``.pt``/``.bin``/``.safetensors``) in the
+            backbone's published layout; ``None`` trains from scratch (logged).
+        width: base width (64 = the standard networks; smaller only for tests; ResNets,
+            ResNeSt, SE-Nets and the Residual Attention Network).
+        **options: backbone-specific options (``model.backbone_options``), e.g. ViT's
+            ``stride=12``, ``img_size=(256, 128)``, ``drop_path_rate``; SE-Nets'
+            ``caffe_style``.
 
     Returns:
-        A :class:`~reidkit.models.resnet.ResNet` with ``out_channels``, ``forward(x) ->
-        (B, C, h, w)`` and ``forward_stages(x) -> [layer1..layer4 maps]``.
+        A backbone with ``out_channels``, ``stage_channels``, ``stage_names``, ``stem``,
+        ``run_stage``, ``forward(x) -> (B, C, h, w)`` and ``forward_stages(x) -> [4 maps]``.
     """
-    if name not in _BACKBONES:
+    if name in _BACKBONES:
+        if options:
+            raise ValueError(
+                f"model.backbone_options: backbone '{name}' takes no options "
+                f"(got {sorted(options)})"
+            )
+        depth, name_ibn = _BACKBONES[name]
+        model: nn.Module = build_resnet(
+            depth,
+            last_stride=last_stride,
+            ibn=ibn or name_ibn,
+            non_local_layers=non_local_layers,
+            non_local_inner_channels=non_local_inner_channels,
+            width=width,
+        )
+    elif name in zoo.available():
+        if ibn:
+            raise ValueError(
+                f"model.ibn: IBN-a is only available on the ResNet backbones, not '{name}'"
+            )
+        if non_local_layers:
+            raise ValueError(
+                f"model.non_local: non-local blocks are only available on the ResNet "
+                f"backbones for now, not '{name}'"
+            )
+        if width != 64:
+            options = {**options, "width": width}
+        model = zoo.create_backbone(name, last_stride=last_stride, **options)
+    else:
         import difflib
 
-        close = difflib.get_close_matches(name, list(_BACKBONES), n=1)
+        close = difflib.get_close_matches(name, available_backbones(), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ValueError(
             f"model.backbone: unknown backbone '{name}'{hint} "
             f"(available: {', '.join(available_backbones())})"
         )
-    depth, name_ibn = _BACKBONES[name]
-    model = build_resnet(
-        depth,
-        last_stride=last_stride,
-        ibn=ibn or name_ibn,
-        non_local_layers=non_local_layers,
-        non_local_inner_channels=non_local_inner_channels,
-        width=width,
-    )
     if pretrained is None or str(pretrained) == "":
         logger.info("no ImageNet weights given (model.pretrained); training from scratch")
     else:
@@ -181,10 +215,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise PretrainedLoadError(
-            f"pretrained weights not found: {path} (model.pretrained must be a local file; "
-            "reidkit never downloads weights)"
-        )
+        raise PretrainedLoadError(missing_pretrained_message(path))
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         try:
@@ -194,19 +225,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = load_file(str(path), device="cpu")
         except Exception as exc:
-            raise PretrainedLoadError(f"{path}: not a valid safetensors file: {exc}") from exc
+            raise PretrainedLoadError(
+                f"{path}: not a valid .safetensors file (corrupt or truncated?): {one_line(exc)}"
+            ) from exc
     elif suffix in (".pth", ".pt", ".bin", ".ckpt", ".tar"):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
+        except Exception as exc:  # a refused pickle, or a corrupt / truncated file
             raise PretrainedLoadError(
-                f"{path}: refused to load: the file contains Python objects other than "
-                f"tensors, which torch.load(weights_only=True) will not unpickle ({exc}). "
-                "Re-save it as a plain state dict or convert it to .safetensors."
-            ) from exc
-        except Exception as exc:
-            raise PretrainedLoadError(
-                f"{path}: not a readable PyTorch weights file: {exc}"
+                f"{path}: refused by torch.load(weights_only=True): {describe_load_error(exc)}"
             ) from exc
         state = _unwrap(obj, path)
     else:
@@ -236,28 +263,38 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
     """
     state = read_state_dict(path)
     own = model.state_dict()
+    adapt = getattr(model, "adapt_pretrained_state", None)
     if not any(k in own for k in state):
         # a whole re-ID checkpoint: take its backbone part
         sub = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
         if any(k in own for k in sub):
             state = sub
+    if adapt is not None:
+        # the backbone renames/resizes the file's tensors into its own layout (e.g. the
+        # pretrainedmodels SE-Net keys, a ViT pos_embed of another grid)
+        try:
+            state = adapt(state)
+        except ValueError as exc:
+            raise PretrainedLoadError(f"{path}: {exc}") from exc
     mismatched = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
         if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
     if mismatched:
-        shown = "\n  ".join(mismatched[:10])
-        more = f"\n  ... and {len(mismatched) - 10} more" if len(mismatched) > 10 else ""
+        shown = "; ".join(mismatched[:3])
+        more = f"; and {len(mismatched) - 3} more" if len(mismatched) > 3 else ""
         raise PretrainedLoadError(
-            f"{path}: {len(mismatched)} tensor(s) have the wrong shape for this model "
-            f"(is it the right architecture / depth?):\n  {shown}{more}"
+            f"{path}: {len(mismatched)} tensor(s) have the wrong shape for this model, so the "
+            f"file is for another architecture or depth ({shown}{more}); use ImageNet weights "
+            "of the configured model.backbone"
         )
     to_load = {k: v for k, v in state.items() if k in own}
     if not to_load:
         raise PretrainedLoadError(
             f"{path}: none of the {len(state)} tensors match a model key (file keys start "
-            f"with {sorted(state)[:3]}, model keys with {sorted(own)[:3]}); wrong file?"
+            f"with {sorted(state)[:3]}, model keys with {sorted(own)[:3]}); is it ImageNet "
+            "weights of the configured model.backbone?"
         )
     model.load_state_dict(to_load, strict=False)
     report = LoadReport(
@@ -266,8 +303,9 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
         loaded=len(to_load),
         path=str(path),
     )
-    ignored = [k for k in report.unexpected if k.startswith(_IGNORED_PREFIXES)]
-    other = [k for k in report.unexpected if not k.startswith(_IGNORED_PREFIXES)]
+    ignore_prefixes = _IGNORED_PREFIXES + tuple(getattr(model, "pretrained_ignore_prefixes", ()))
+    ignored = [k for k in report.unexpected if k.startswith(ignore_prefixes)]
+    other = [k for k in report.unexpected if not k.startswith(ignore_prefixes)]
     logger.info("loaded %d tensors from %s", report.loaded, path)
     if ignored:
         logger.info(
@@ -275,11 +313,19 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
         )
     if other:
         logger.warning("%d unexpected keys ignored, e.g. %s", len(other), other[:5])
-    # non-local blocks are new layers (identity at init): their absence is expected
-    new_layers = [k for k in report.missing if k.startswith("nl_")]
-    absent = [k for k in report.missing if not k.startswith("nl_")]
+    # layers the published network does not have (non-local blocks, identity at init, and
+    # whatever a backbone declares) are new: their absence from the file is expected
+    new_prefixes = ("nl_",) + tuple(getattr(model, "new_layer_prefixes", ()))
+    new_layers = [k for k in report.missing if k.startswith(new_prefixes)]
+    absent = [k for k in report.missing if not k.startswith(new_prefixes)]
+    # BN step counters (only used when momentum=None) are absent from many published files
+    # (saved before torch 0.4.1, or stripped); that loses no weights
+    counters = [k for k in absent if k.endswith("num_batches_tracked")]
+    absent = [k for k in absent if not k.endswith("num_batches_tracked")]
     if new_layers:
-        logger.info("%d keys of the non-local blocks start from their init", len(new_layers))
+        logger.info("%d keys of new layers start from their init", len(new_layers))
+    if counters:
+        logger.info("%d BatchNorm step counters not in the file (start at 0)", len(counters))
     if absent:
         logger.warning(
             "%d model keys not in the file (kept at init), e.g. %s", len(absent), absent[:5]
@@ -287,15 +333,34 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
     return report
 
 
-def backbone_from_config(model_cfg: Any) -> ResNet:
+def backbone_from_config(model_cfg: Any) -> nn.Module:
     """:func:`build_backbone` from a ``ModelConfig`` (``reidkit.config``, ``cfg.model``):
     ``backbone``, ``last_stride``, ``ibn``, ``non_local_layers`` (only when ``non_local``),
-    ``non_local_inner_channels`` and ``pretrained``."""
-    return build_backbone(
-        model_cfg.backbone,
-        last_stride=model_cfg.last_stride,
-        ibn=model_cfg.ibn,
-        non_local_layers=model_cfg.non_local_layers if model_cfg.non_local else None,
-        non_local_inner_channels=model_cfg.non_local_inner_channels,
-        pretrained=model_cfg.pretrained,
+    ``non_local_inner_channels``, ``pretrained`` and, where the config has it,
+    ``backbone_options`` (a dict of backbone-specific options)."""
+    options = dict(getattr(model_cfg, "backbone_options", None) or {})
+    try:
+        return build_backbone(
+            model_cfg.backbone,
+            last_stride=model_cfg.last_stride,
+            ibn=model_cfg.ibn,
+            non_local_layers=model_cfg.non_local_layers if model_cfg.non_local else None,
+            non_local_inner_channels=model_cfg.non_local_inner_channels,
+            pretrained=model_cfg.pretrained,
+            **options,
+        )
+    except PretrainedLoadError as exc:
+        if str(exc).startswith("model.pretrained"):
+            raise
+        raise PretrainedLoadError(f"model.pretrained: {exc}") from exc
+
+
+def missing_pretrained_message(path: str | Path) -> str:
+    """What to do when the ImageNet weights file ``path`` is not there."""
+    path = Path(path)
+    where = f" (relative to {Path.cwd()})" if not path.expanduser().is_absolute() else ""
+    return (
+        f"model.pretrained: ImageNet weights file not found: {path}{where}; reidkit never "
+        "downloads weights: put torchvision-format ImageNet weights there, point "
+        "model.pretrained=PATH at yours, or train from scratch with model.pretrained=null"
     )

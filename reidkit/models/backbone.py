@@ -26,15 +26,31 @@ __all__ = ["Backbone", "BackboneTail", "split_backbone", "parse_block_position"]
 
 
 class Backbone(nn.Module):
-    """Base class of the staged backbones (``ResNet`` and the zoo in ``models.backbones``).
+    """Base class of every backbone (``ResNet`` and the zoo in ``models.backbones``).
 
-    Subclasses set ``stage_names`` (attribute names of the stages, in order),
-    ``stage_channels`` and ``out_channels``, and implement :meth:`stem`.
+    Subclasses set ``stage_names`` (attribute names of the stages, in order; each an
+    ``nn.Sequential`` of blocks), ``stage_channels``, ``out_channels`` and ``last_stride``,
+    and implement :meth:`stem`. ``stage_tails`` maps a stage name to the attribute of a
+    module applied after that stage where the published network has one (OSNet-AIN's
+    transitions, the Residual Attention Network's final BN-ReLU, ViT's final norm): a
+    split copies it with its stage.
+
+    Loading weights (:func:`reidkit.models.load_pretrained`) asks the backbone
+    :meth:`adapt_pretrained_state` (rename / resize a file's tensors into this layout),
+    ``pretrained_ignore_prefixes`` (classifier keys of the file the backbone lacks on
+    purpose) and ``new_layer_prefixes`` (keys of layers the published network does not
+    have, so their absence from a file is expected).
     """
 
-    stage_names: tuple[str, ...] = ()
+    stage_names: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
     stage_channels: list[int]
     out_channels: int
+    last_stride: int = 2
+    stage_tails: dict[str, str] = {}
+    # "map": stem / run_stage pass (B, C, H, W) maps; "tokens": (B, N, C) sequences (ViT)
+    stage_format: str = "map"
+    pretrained_ignore_prefixes: tuple[str, ...] = ("fc.",)
+    new_layer_prefixes: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -44,19 +60,33 @@ class Backbone(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def stem(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """``(B, 3, H, W)`` -> input of the first stage."""
         raise NotImplementedError
 
+    def stage_tail(self, name: str) -> nn.Module | None:
+        """The module applied after stage ``name`` (``None`` if the stage has none)."""
+        attr = self.stage_tails.get(name)
+        return None if attr is None else getattr(self, attr)
+
     def run_stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Apply stage ``name`` with the blocks inserted into it."""
+        """Apply stage ``name`` with the blocks inserted into it, then its tail."""
+        if name not in self.stage_names:
+            raise ValueError(f"unknown stage '{name}' (stages: {', '.join(self.stage_names)})")
         stage: nn.Module = getattr(self, name)
         inserted = self._inserted.get(name)
         if not inserted:
-            return stage(x)
-        for i, block in enumerate(stage):
-            x = block(x)
-            for attr, j in inserted.get(i, ()):
-                x = getattr(self, attr)[j](x)
-        return x
+            x = stage(x)
+        else:
+            for i, block in enumerate(stage):
+                x = block(x)
+                for attr, j in inserted.get(i, ()):
+                    x = getattr(self, attr)[j](x)
+        tail = self.stage_tail(name)
+        return x if tail is None else tail(x)
+
+    def adapt_pretrained_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Bring a weights file's tensors into this model's layout (default: unchanged)."""
+        return state
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``(B, 3, H, W)`` -> the output map of every stage, in order."""
@@ -185,7 +215,20 @@ def split_backbone(
                 f"split_backbone at '{at}': blocks inserted after {stage} blocks {late} would "
                 "be split off; insert them before the split point (or into the branches)"
             )
+    if backbone.stage_format != "map":
+        raise ValueError(
+            f"split_backbone: {type(backbone).__name__} passes {backbone.stage_format} between "
+            "stages; only map-based backbones can be split into branches"
+        )
     tail: list[nn.Module] = []
+
+    def take_tail(name: str) -> None:
+        # a stage's tail (e.g. OSNet-AIN's transition) goes with the stage into the branch
+        module = backbone.stage_tail(name)
+        if module is not None:
+            tail.append(module)
+            setattr(backbone, backbone.stage_tails[name], nn.Identity())
+
     first = getattr(backbone, names[s])
     if b > 0:
         tail.append(nn.Sequential(*list(first)[b:]))
@@ -193,9 +236,11 @@ def split_backbone(
     else:
         tail.append(first)
         setattr(backbone, names[s], nn.Sequential())
+    take_tail(names[s])
     for name in names[s + 1 :]:
         tail.append(getattr(backbone, name))
         setattr(backbone, name, nn.Sequential())
+        take_tail(name)
     out_channels = backbone.out_channels
     trunk_channels = backbone.stage_channels[s - 1] if b == 0 and s > 0 else None
     if b > 0:

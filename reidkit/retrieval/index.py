@@ -34,10 +34,11 @@ _FORMAT_VERSION = 1
 
 
 def _faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("reidkit.retrieval needs FAISS: pip install 'reidkit[faiss]'") from exc
+    from reidkit.errors import require_extra
+
+    require_extra("faiss", "reidkit.retrieval (the FAISS gallery index)")
+    import faiss
+
     return faiss
 
 
@@ -119,6 +120,7 @@ class GalleryIndex:
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        _faiss()  # a missing FAISS is reported now, not after the features are computed
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         if m is not None and dim % m != 0:

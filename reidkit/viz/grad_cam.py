@@ -42,6 +42,7 @@ __all__ = [
     "GradCAM",
     "Target",
     "resolve_layer",
+    "default_forward",
     "compute_grad_cam",
     "grad_cam",
     "class_logit",
@@ -123,8 +124,9 @@ def compute_grad_cam(
         layer: a submodule or its dotted name; its output must be ``(B, K, h, w)`` and it
             must run once per forward.
         target: ``outputs -> (B,)`` scores (a helper of this module or any callable).
-        forward: how to run the model, ``images -> outputs`` (default ``model(images)``;
-            e.g. ``model.forward_train`` to get the logits of a reidkit method in eval
+        forward: how to run the model, ``images -> outputs`` (default
+            :func:`default_forward`: a reidkit method's test feature; e.g.
+            ``lambda x: model({"images": x})`` to get the logits of a reidkit method in eval
             mode).
         relu: apply the ReLU of Grad-CAM (``False`` keeps negative evidence in ``raw``).
         use_eval_mode: run the model in eval mode (restored afterwards).
@@ -135,7 +137,7 @@ def compute_grad_cam(
     if images.dim() != 4:
         raise ValueError(f"Grad-CAM: images must be (B, C, H, W), got {tuple(images.shape)}")
     module = resolve_layer(model, layer)
-    run = forward if forward is not None else model
+    run = forward if forward is not None else default_forward(model)
     captured: list[torch.Tensor] = []
 
     def hook(_mod: nn.Module, _inp: Any, out: Any) -> torch.Tensor:
@@ -330,6 +332,23 @@ def similarity_to(
         return _similarity(feats, ref.to(feats.device).expand_as(feats), metric)
 
     return target
+
+
+def default_forward(model: nn.Module) -> Callable[[torch.Tensor], Any]:
+    """How Grad-CAM runs a model by default: a reidkit method gives its test feature
+    (``encode({"images": x})[test.feature]``, ``(B, D)``: for similarity targets); any other
+    module is called on the images. For logits, pass ``forward=lambda x: model({"images": x})``
+    (the method's training outputs, run in eval mode)."""
+    if hasattr(model, "encode"):
+        names = tuple(getattr(model, "feature_names", ()))
+        feature = getattr(model, "test_feature", names[0] if names else None)
+
+        def run(images: torch.Tensor) -> Any:
+            out = model.encode({"images": images}, "query")
+            return out[feature] if feature in out else out
+
+        return run
+    return model
 
 
 def pair_grad_cam(

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from reidkit.metrics.table import format_percent
 from reidkit.viz.ram import feature_maps, ranking_activation_map
 
 __all__ = [
@@ -153,7 +154,7 @@ def cmc_svg(cmc: Sequence[float], max_rank: int = 20, width: int = 380, height: 
     for i, v in enumerate(values):
         x, y = xy(i, v)
         parts.append(
-            f"<circle cx='{x:.1f}' cy='{y:.1f}' r='2.5' fill='#2b6cb0'><title>rank {i + 1}: {v:.1f}%</title></circle>"
+            f"<circle cx='{x:.1f}' cy='{y:.1f}' r='2.5' fill='#2b6cb0'><title>rank {i + 1}: {format_percent(v / 100)}%</title></circle>"
         )
     parts.append(
         f"<text x='{left + pw / 2}' y='{height - 4}' font-size='12' text-anchor='middle'>rank</text>"
@@ -256,7 +257,8 @@ table.metrics{border-collapse:collapse} table.metrics td,table.metrics th{border
 .cell.query img{border-color:#3182ce}
 .cell.match img{border-color:#1a9641}
 .cell.nonmatch img{border-color:#d7191c}
-.cell .cap{max-width:100px;text-align:center;line-height:1.25;margin-top:2px}
+.cell .cap{max-width:120px;text-align:center;line-height:1.25;margin-top:2px}
+.cap .nw{white-space:nowrap}
 .sep{width:10px}
 img.v{display:none} img.v.v-default{display:block}
 """
@@ -297,6 +299,13 @@ _JS = """
 """
 
 
+def _id_caption(pid: int, camid: int) -> str:
+    """``pid 12 · cam 3`` for a caption: cameras 1-based as in the file names (``c3``),
+    ``?`` when unknown; each label stays on one line with its number."""
+    cam = str(camid + 1) if camid >= 0 else "?"
+    return f"<span class='nw'>pid {pid}</span> · <span class='nw'>cam {cam}</span>"
+
+
 def _img_html(img: ReportImage, view_keys: Sequence[str], default: str) -> str:
     tags = []
     for key in view_keys:
@@ -334,7 +343,7 @@ def render_report_html(
     keys = [k for k, _ in views]
     default = default_view or (AGGREGATE_VIEW if AGGREGATE_VIEW in keys else keys[0])
     metric_rows = "".join(
-        f"<tr><th>{html.escape(name)}</th><td>{100 * v:.1f}%</td></tr>"
+        f"<tr><th>{html.escape(name)}</th><td>{format_percent(v)}%</td></tr>"
         if 0 <= v <= 1
         else f"<tr><th>{html.escape(name)}</th><td>{v:.4g}</td></tr>"
         for name, v in metrics.items()
@@ -464,12 +473,12 @@ def build_ranking_report(
             for v, (key, _) in enumerate(views[1:]):
                 uris[key] = to_data_uri(overlay_heatmap(pixels[j], up[v, j], alpha=alpha))
             if j == 0:
-                cap = f"query<br>pid {int(qp[qi])} · cam {int(qc[qi])}"
+                cap = f"query<br>{_id_caption(int(qp[qi]), int(qc[qi]))}"
                 cells.append(ReportImage(uris, cap, "query"))
             else:
                 g = gal[j - 1]
                 match = bool(gp[g] == qp[qi])
-                cap = f"#{j} · pid {int(gp[g])} · cam {int(gc[g])}<br>d={float(dist[qi, g]):.3f}"
+                cap = f"#{j} · {_id_caption(int(gp[g]), int(gc[g]))}<br>d={float(dist[qi, g]):.3f}"
                 cells.append(ReportImage(uris, cap, "match" if match else "nonmatch"))
         rows.append(ReportRow(f"query {qi}", cells[0], cells[1:], failed))
     page = render_report_html(rows, views or [], metrics, cmc, title=title, subtitle=subtitle)

@@ -136,10 +136,9 @@ def find_dataset_dir(
     else:
         where = f"no folder under data root {str(root_path)!r} has that layout"
     raise DatasetError(
-        f"{dataset}: dataset not found ({where}).\n"
-        f"Expected layout: {layout}\n"
-        f"Required inside the dataset folder: {', '.join(required)}\n"
-        "Tried:\n  " + "\n  ".join(tried) + "\nSee docs/datasets.md for how to prepare it."
+        f"{dataset}: dataset not found ({where}). Expected layout: {layout} (the dataset "
+        f"folder must hold {', '.join(required)}); tried: {', '.join(tried)}. Set data.root "
+        "(--root) to the folder that holds it; docs/datasets.md says how to prepare it."
     )
 
 
@@ -270,12 +269,12 @@ def finalize_dataset(
         paths = list(dict.fromkeys(r.path for s in SPLITS for r in splits[s]))
         bad = find_bad_images(paths, verify=opts.verify_images, num_workers=opts.num_workers)
         if bad and not opts.skip_corrupt:
-            listed = "\n  ".join(f"{b.path}: {b.reason}" for b in bad[:_MAX_LISTED])
-            more = f"\n  (and {len(bad) - _MAX_LISTED} more)" if len(bad) > _MAX_LISTED else ""
+            listed = "; ".join(f"{b.path}: {b.reason}" for b in bad[:_MAX_LISTED])
+            more = f" (and {len(bad) - _MAX_LISTED} more)" if len(bad) > _MAX_LISTED else ""
             raise DatasetError(
-                f"{name}: {len(bad)} unreadable image(s):\n  {listed}{more}\n"
-                "Fix or remove them, or pass skip_corrupt=True (data.skip_corrupt=true) "
-                "to skip and count them."
+                f"{name}: {len(bad)} unreadable image(s): {listed}{more}. Fix or remove "
+                "them, or set data.skip_corrupt=true (--skip-corrupt, skip_corrupt=True) to "
+                "skip and count them"
             )
         if bad:
             bad_paths = {b.path for b in bad}

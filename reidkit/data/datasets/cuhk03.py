@@ -318,4 +318,4 @@ def load_cuhk03(
             return finalize_dataset("cuhk03", root, ddir, splits, opts, sources, [note])
     if classic_split and source == "np":
         errors.append("cuhk03: the classic split needs the original cuhk-03.mat (source='mat')")
-    raise DatasetError("\n\n".join(errors))
+    raise DatasetError(" | ".join(errors))

@@ -157,7 +157,7 @@ def _from_folders(root: Path, cam_pattern: str) -> tuple[dict[str, list[ImageRec
     if missing:
         raise DatasetError(
             f"custom: no manifest given and the folder layout is incomplete under {root}: "
-            f"missing {[str(root / s) for s in missing]}.\nExpected layout: "
+            f"missing {[str(root / s) for s in missing]}. Expected layout: "
             "<root>/{train,query,gallery}/<identity>/*.jpg, or set data.custom_manifest "
             "to a CSV/JSON manifest (columns path, pid, split[, camid])."
         )

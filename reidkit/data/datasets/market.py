@@ -37,6 +37,7 @@ __all__ = [
     "load_dukemtmc",
     "load_veri",
     "load_synth",
+    "synth_sets_on_disk",
 ]
 
 #: split -> folder name in the Market layout
@@ -180,12 +181,54 @@ def load_veri(root: str | os.PathLike, opts: LoadOptions) -> ParsedDataset:
     return finalize_dataset(name, root, ddir, splits, opts, sources)
 
 
-def load_synth(root: str | os.PathLike, opts: LoadOptions, preset: str = "small") -> ParsedDataset:
+def synth_sets_on_disk(root: str | os.PathLike) -> list[str]:
+    """Presets of the synthetic sets under ``root``: ``NAME`` for each ``root/synth-NAME``
+    folder holding the Market folders (sorted)."""
+    root_path = Path(root).expanduser()
+    if not root_path.is_dir():
+        return []
+    out = []
+    for entry in sorted(os.scandir(root_path), key=lambda e: e.name):
+        if entry.is_dir() and entry.name.startswith("synth-"):
+            if all((Path(entry.path) / f).is_dir() for f in MARKET_FOLDERS.values()):
+                out.append(entry.name[len("synth-") :])
+    return out
+
+
+def load_synth(
+    root: str | os.PathLike, opts: LoadOptions, preset: str | None = None
+) -> ParsedDataset:
     """The synthetic set written by ``reidkit synth --preset PRESET --out
-    <root>/synth-PRESET`` (Market layout, keypoints included)."""
+    <root>/synth-PRESET`` (Market layout, keypoints included).
+
+    ``preset=None`` takes the synthetic set that is there: ``root`` itself when it is a
+    ``synth-NAME`` folder, else the only ``root/synth-NAME``; with none or several, the
+    error lists what is on disk.
+    """
+    root_path = Path(root).expanduser()
+    present = synth_sets_on_disk(root_path)
+    if preset is None:
+        if root_path.name.startswith("synth-") and all(
+            (root_path / f).is_dir() for f in MARKET_FOLDERS.values()
+        ):
+            preset = root_path.name[len("synth-") :]
+        elif len(present) == 1:
+            preset = present[0]
+        elif not present:
+            raise DatasetError(
+                f"synth: no synthetic set under data root {str(root_path)!r} (no synth-NAME "
+                f"folder with {', '.join(MARKET_FOLDERS.values())}); generate one: reidkit "
+                f"synth --preset tiny --out {root_path / 'synth-tiny'}"
+            )
+        else:
+            raise DatasetError(
+                f"synth: {len(present)} synthetic sets under {str(root_path)!r} "
+                f"({', '.join('synth-' + p for p in present)}); choose one with "
+                f"--option preset=NAME (data.synth_preset=NAME), e.g. preset={present[0]}"
+            )
     folder = f"synth-{preset}"
     candidates = [folder]
-    if Path(root).name == folder:
+    if root_path.name == folder:
         candidates.append("")
     try:
         ddir = find_dataset_dir(
@@ -195,9 +238,16 @@ def load_synth(root: str | os.PathLike, opts: LoadOptions, preset: str = "small"
             "synth",
             f"<root>/{folder}/{{bounding_box_train,query,bounding_box_test}}/<pid>_c<cam>...jpg",
         )
-    except DatasetError as exc:
+    except DatasetError:
+        there = (
+            f"presets on disk: {', '.join(present)} (data.synth_preset=NAME, --option preset=NAME)"
+            if present
+            else "no synthetic set is there yet"
+        )
         raise DatasetError(
-            f"{exc}\nGenerate it with: reidkit synth --preset {preset} --out {Path(root) / folder}"
+            f"synth: preset {preset!r} not found under data root {str(root_path)!r} (no "
+            f"{folder}/ with {', '.join(MARKET_FOLDERS.values())}); {there}. Generate it "
+            f"with: reidkit synth --preset {preset} --out {root_path / folder}"
         ) from None
     return parse_market_layout(
         "synth", root, ddir, opts, None, "'<pid>_c<cam>..., e.g. 0002_c1s1_000451_03.jpg'"

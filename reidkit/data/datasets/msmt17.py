@@ -122,4 +122,4 @@ def load_msmt17(
         }
         notes = [f"MSMT17 {ver.upper()}" + (", train+val" if merge_val else ", train only")]
         return finalize_dataset("msmt17", root, ddir, splits, opts, sources, notes)
-    raise DatasetError("\n\n".join(errors))
+    raise DatasetError(" | ".join(errors))

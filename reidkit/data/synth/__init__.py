@@ -30,6 +30,7 @@ from .layout import (
     PRESETS,
     SPLIT_FOLDERS,
     SynthPreset,
+    ensure_synth,
     format_summary,
     generate,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "COCO_KEYPOINT_NAMES",
     "SPLIT_FOLDERS",
     "generate",
+    "ensure_synth",
     "format_summary",
     "write_preview",
     "VIDEO_PRESETS",

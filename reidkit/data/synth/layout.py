@@ -39,7 +39,14 @@ from .identity import draw_distractor_people, draw_family_group
 from .preview import write_preview
 from .rendering import COCO_KEYPOINT_NAMES, Tracklet, render_sample
 
-__all__ = ["PRESETS", "SPLIT_FOLDERS", "SynthPreset", "generate", "format_summary"]
+__all__ = [
+    "PRESETS",
+    "SPLIT_FOLDERS",
+    "SynthPreset",
+    "generate",
+    "ensure_synth",
+    "format_summary",
+]
 
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 MANAGED_ENTRIES = (*SPLIT_FOLDERS.values(), "keypoints", "meta.json", "preview.png")
@@ -514,6 +521,39 @@ def generate(
     if preview:
         write_preview(out)
     return summary
+
+
+def ensure_synth(
+    data_cfg: Any, progress: bool = True, regenerate_incomplete: bool = False
+) -> Path | None:
+    """Generate the synthetic set a config trains on, the first time it is needed.
+
+    For ``data.dataset == "synth"`` whose ``<data.root>/synth-<data.synth_preset>`` does not
+    exist (or is an empty folder), render it there with seed 0, saying so on stdout, and
+    return the folder; otherwise return ``None``. A folder that already holds images but no
+    ``meta.json`` (hand-made, or an interrupted generation) is left as it is, unless
+    ``regenerate_incomplete`` (``reidkit demo``), which replaces only what ``generate``
+    writes.
+    """
+    if str(getattr(data_cfg, "dataset", "")).lower() != "synth":
+        return None
+    preset = data_cfg.synth_preset
+    folder = Path(data_cfg.root).expanduser() / f"synth-{preset}"
+    if (folder / "meta.json").is_file():
+        return None
+    incomplete = folder.is_dir() and any(folder.iterdir())
+    if incomplete and not regenerate_incomplete:
+        return None
+    if preset not in PRESETS:
+        return None  # the dataset loader says which presets exist
+    n = PRESETS[preset].num_images
+    print(
+        f"{folder} not found: generating the '{preset}' synthetic set there ({n} images, "
+        "once; `reidkit synth --help` for options) ...",
+        flush=True,
+    )
+    generate(folder, preset, seed=0, overwrite=incomplete, progress=progress)
+    return folder
 
 
 def format_summary(summary: dict[str, Any]) -> str:
