@@ -369,6 +369,10 @@ def test_video_baseline_trains_and_evaluates_all_modes(video_root, tmp_path, tin
     assert all(f"| synth_video {m.upper()}" in printed for m in VIDEO_MODES)
     q = FeatureSet.load(feats / "i2v_query")
     assert len(q) == 11 and q.paths[0].endswith(".jpg")
+    # the image ranking report says what to use instead
+    report = ["report", "-c", str(REPO / "configs/video/synth_video.yaml"), *over]
+    assert main([*report, "--weights", last, "--out", str(tmp_path / "rep")]) == 1
+    assert "reidkit eval --mode all" in capsys.readouterr().err
 
 
 def test_method_kind_must_match_the_dataset_kind(video_root, tmp_path, tiny_backbone) -> None:

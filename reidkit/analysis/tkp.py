@@ -403,6 +403,11 @@ def analyze_tkp_runs(
 
     assert frames is not None and records is not None
     shown = frames[:num_cams]
+    scale = max(1, -(-112 // shown.shape[-1]))  # cells at least 112 pixels wide: readable
+    if scale > 1:
+        shown = torch.nn.functional.interpolate(
+            shown, scale_factor=scale, mode="bilinear", align_corners=False
+        )
     pixels = to_uint8_images(shown)
     columns = [overlay_maps(shown, _minmax(c)) for c in cam_columns.values()]
     rows = [[pixels[i], *[col[i] for col in columns]] for i in range(len(shown))]
@@ -451,8 +456,9 @@ def _write_index(out: Path, summary: dict[str, Any]) -> None:
         *rows,
         "</table>",
         *[f"<h2>{html.escape(f)}</h2>{_png_tag(out / f)}" for f in figures],
-        "<script>const imgs=[...document.images];Promise.all(imgs.map(i=>i.decode()))"
-        ".then(()=>{document.body.dataset.images=imgs.filter(i=>i.naturalWidth>0).length;"
+        # after the load event every embedded figure is decoded: count the ones that show
+        "<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
+        "document.body.dataset.images=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;"
         "document.body.dataset.ready='1'});</script>",
         "</body></html>",
     ]

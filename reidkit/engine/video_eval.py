@@ -412,6 +412,7 @@ def evaluate_video(
             k2=cfg.test.rerank_k2,
             lambda_value=cfg.test.rerank_lambda,
         )
+        r.dataset = str(getattr(dataset, "name", "") or "")
         results[m] = r
         skipped[m] = int(r.raw.num_query - r.raw.num_valid)
     if any(skipped.values()):
@@ -441,6 +442,7 @@ def evaluate_video(
         modes=results,
         primary=primary,
         skipped=skipped,
+        dataset=head.dataset,
     )
     result.dataset = str(getattr(dataset, "name", "") or "")
     extras_fn = getattr(model, "eval_extras", None)
