@@ -25,6 +25,7 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,11 @@ class Trainer:
     Attributes hooks may read: ``cfg``, ``info`` (:class:`DistInfo`), ``device``,
     ``model`` (the method), ``ctx`` (:class:`StepContext`), ``dataset``, ``epoch``,
     ``iteration``, ``num_iterations``, ``total_epochs``, ``start_epoch``, ``lr``,
-    ``phase``, ``logger``, ``out_dir``, ``ckpt_dir``, ``last_path``, ``progress``.
+    ``phase``, ``logger``, ``out_dir``, ``ckpt_dir``, ``last_path``, ``progress``,
+    ``eval_hook``.
+
+    ``hooks`` run after the standard ones (after the checkpoint of each epoch is
+    written), e.g. the backbone export of ``reidkit pretrain``.
     """
 
     def __init__(
@@ -133,8 +138,10 @@ class Trainer:
         overwrite: bool = False,
         stop_after_epochs: int | None = None,
         progress: bool = True,
+        hooks: Sequence[HookBase] = (),
     ) -> None:
         self.cfg = cfg
+        self.extra_hooks = list(hooks)
         self.resume = resume
         self.overwrite = overwrite
         self.stop_after_epochs = stop_after_epochs
@@ -245,6 +252,7 @@ class Trainer:
             LoggerHook(progress=self.progress),
             self.eval_hook,
             CheckpointHook(),
+            *self.extra_hooks,
         ]
         for hook in self.hooks:
             hook.trainer = self
@@ -461,6 +469,7 @@ def train(
     overwrite: bool = False,
     stop_after_epochs: int | None = None,
     progress: bool = True,
+    hooks: Sequence[HookBase] = (),
 ) -> Path:
     """Train ``cfg`` and return the run folder (``cfg.output_dir``).
 
@@ -472,11 +481,12 @@ def train(
     delete a previous run's logs/checkpoints in the folder (otherwise an existing run is
     an error). ``stop_after_epochs``: stop (as if interrupted, without final evaluation)
     after this many epochs of this call, e.g. for time-limited cluster jobs; continue
-    later with ``resume=True``. ``progress``: tqdm progress bars on rank 0.
+    later with ``resume=True``. ``progress``: tqdm progress bars on rank 0. ``hooks``:
+    extra :class:`~reidkit.engine.hooks.HookBase` s run after the standard ones.
 
     Launched by ``torchrun`` (``WORLD_SIZE > 1``) it trains with DDP: NCCL on CUDA, gloo
     on CPU, one PK-sampler shard per rank, rank 0 logs, evaluates and writes.
     Raises :class:`NonFiniteLossError` if the loss becomes NaN/inf (earlier checkpoints
     are kept untouched).
     """
-    return Trainer(cfg, resume, overwrite, stop_after_epochs, progress).run()
+    return Trainer(cfg, resume, overwrite, stop_after_epochs, progress, hooks).run()

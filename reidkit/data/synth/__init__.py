@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from .camera import Camera, apply_camera
 from .identity import CUE_KEYS, FAMILY_VARYING_CUES, sample_identity
+from .knobs import RENDER_PRESETS, VARIETY_KNOBS, SynthRenderConfig
 from .layout import (
     PRESETS,
     SPLIT_FOLDERS,
@@ -38,7 +39,6 @@ from .layout import (
 )
 from .layout import _sample_counts as _sample_counts  # noqa: F401  (tests, tools)
 from .layout import _split_over as _split_over  # noqa: F401
-from .knobs import RENDER_PRESETS, VARIETY_KNOBS, SynthRenderConfig
 from .online import RenderedRecords, SynthRenderSource
 from .preview import write_preview, write_video_preview
 from .rendering import COCO_KEYPOINT_NAMES, OCCLUDER_KINDS, Tracklet, render_sample

@@ -110,9 +110,7 @@ def _lowfreq(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def _background(
-    cam: Camera, seed: int, h: int, w: int, variant: int | None = None
-) -> np.ndarray:
+def _background(cam: Camera, seed: int, h: int, w: int, variant: int | None = None) -> np.ndarray:
     """Camera background texture, uint8 (h, w, 3); crops of it are used per image.
 
     ``variant`` (the on-the-fly set's ``background_variety``) selects one of several

@@ -119,16 +119,16 @@ RENDER_PRESETS: dict[str, dict[str, Any]] = {
     },
     # the domain gap of docs/pretrain.md (64x32, CPU-sized)
     "gap-source": {
-        "num_ids": 200,
-        "images_per_id": (4, 6),
+        "num_ids": 100,
+        "images_per_id": (8, 12),
         "num_cams": 8,
         "num_test_ids": 50,
         **_SOURCE_GROUP,
         **_WIDE,
     },
     "gap-source-narrow": {
-        "num_ids": 200,
-        "images_per_id": (4, 6),
+        "num_ids": 100,
+        "images_per_id": (8, 12),
         "num_cams": 8,
         "num_test_ids": 50,
         **_SOURCE_GROUP,

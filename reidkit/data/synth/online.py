@@ -47,9 +47,9 @@ from .variety import (
     background_variant_camera,
     image_jitter,
     num_background_variants,
-    vary_family,
     varied_camera,
     varied_tracklet,
+    vary_family,
 )
 
 __all__ = ["SynthRenderSource", "RenderedRecords", "RENDER_SPLITS", "jpeg_round_trip"]
@@ -75,7 +75,7 @@ def jpeg_round_trip(img: np.ndarray, quality: int) -> np.ndarray:
     Image.fromarray(img).save(buf, format="JPEG", quality=quality)
     buf.seek(0)
     with Image.open(buf) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.array(im.convert("RGB"))  # a writable copy (torch.from_numpy shares it)
 
 
 def encode_jpeg(img: np.ndarray, quality: int) -> bytes:
@@ -421,7 +421,9 @@ class RenderedRecords(Sequence[ImageRecord]):
     sequence; slices are views). ``load_image(i)`` renders record ``i``'s image, which
     :class:`reidkit.data.loader.ImageDataset` calls instead of reading a file."""
 
-    def __init__(self, source: SynthRenderSource, split: str, start: int = 0, stop: int | None = None):
+    def __init__(
+        self, source: SynthRenderSource, split: str, start: int = 0, stop: int | None = None
+    ):
         self.source, self.split = source, split
         self.start = int(start)
         self.stop = int(source.plan.split_len(split) if stop is None else stop)

@@ -122,13 +122,13 @@ def varied_camera(rng: np.random.Generator, index: int, knobs: SynthRenderConfig
     if C > 0:
         cast = cast * np.exp(rng.normal(0.0, 0.08 * C, 3))
     viewpoint = knobs.viewpoints[int(rng.integers(len(knobs.viewpoints)))]
-    blur_max = 0.7 * (1 + 1.5 * B)
+    blur_max = 0.7 * (1 + 0.6 * B)
     blur = float(rng.choice([0.0, 0.3, 0.5, 0.7])) if B == 0 else float(rng.uniform(0, blur_max))
     return Camera(
         index=index,
         background=background,
         bg_colours=colours,
-        gain=round(_spread(0.97, 0.25, L, rng), 3),
+        gain=round(_spread(0.97, 0.25, 0.6 * L, rng), 3),
         cast=tuple(round(float(c), 3) for c in cast),  # type: ignore[arg-type]
         saturation=round(max(0.0, _spread(0.875, 0.225, C, rng)), 3),
         gamma=round(_spread(1.015, 0.165, C, rng), 3),
@@ -199,6 +199,6 @@ def image_jitter(knobs: SynthRenderConfig) -> ImageJitter:
         ytop=0.015 * (1 + 2 * X),
         misalign_p=min(0.5, 0.08 * (1 + X)),
         misalign=(0.06, 0.16 + 0.1 * X),
-        gain=(max(0.2, 0.9 - 0.2 * L), 1.1 + 0.2 * L),
-        blur=(max(0.0, 0.7 - 0.5 * B), 1.3 + 0.7 * B),
+        gain=(max(0.2, 0.9 - 0.1 * L), 1.1 + 0.1 * L),
+        blur=(max(0.0, 0.7 - 0.3 * B), 1.3 + 0.4 * B),
     )
