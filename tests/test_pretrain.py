@@ -141,6 +141,20 @@ def test_index_plan_is_random_access_and_deterministic() -> None:
     assert all(2 <= len(c) <= 6 for pid, c in cams.items() if pids.count(pid) >= 2)
 
 
+def test_large_preset_costs_no_planning() -> None:
+    """Hundreds of thousands of images: building the set and its PK sampler touches no
+    image and no per-image plan."""
+    import time
+
+    cfg = load_config(None, ["data.dataset=synth_render", "data.render.preset=large", *FAST])
+    t0 = time.process_time()
+    ds = dataset_from_config(cfg.data)
+    assert len(ds.train) > 250_000 and ds.num_train_pids == 4000
+    loader = build_train_loader(cfg, ds.train)
+    assert len(loader) == len(loader.sampler) // 8 > 0
+    assert time.process_time() - t0 < 5.0  # CPU seconds: no per-record work
+
+
 def test_validation_protocol_of_the_index_plan() -> None:
     source = _source()
     query, gallery = source.records("query"), source.records("gallery")
