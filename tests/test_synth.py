@@ -405,3 +405,23 @@ def test_market_parser_reads_the_tree(tiny: Path) -> None:
         rec = ds.query[0]
         kps = rec.extras["keypoints"]
         assert len(kps) == 17 and all(len(row) == 3 for row in kps)
+
+
+# --------------------------------------------------------------------------- on the fly
+def test_rendered_on_the_fly_equals_the_files(tiny: Path) -> None:
+    """data.render.preset=tiny (plan=disk) renders the images `reidkit synth` writes:
+    the same JPEG bytes, the same records as the Market parser lists (junk dropped, train
+    pids relabelled), without any file."""
+    from reidkit.data.datasets import build_dataset
+    from reidkit.data.synth import SynthRenderConfig, SynthRenderSource
+
+    disk = build_dataset("market1501", root=str(tiny))
+    source = SynthRenderSource(SynthRenderConfig(preset="tiny"), H, W)
+    for split in ("train", "query", "gallery"):
+        rendered, files = source.records(split), getattr(disk, split)
+        assert len(rendered) == len(files)
+        assert [(r.pid, r.camid) for r in rendered] == [(r.pid, r.camid) for r in files]
+        for i in range(0, len(files), 9):  # a spread of images: tasks of every kind
+            assert source.render_jpeg(split, i) == Path(files[i].path).read_bytes(), (split, i)
+        pixels = np.asarray(Image.open(files[-1].path).convert("RGB"))
+        assert np.array_equal(source.render(split, len(files) - 1), pixels)

@@ -110,6 +110,10 @@ def _read_keypoints(record: ImageRecord) -> Tensor | None:
 class ImageDataset(Dataset):
     """Map-style dataset over :class:`ImageRecord` s.
 
+    Records that can render their own images (a sequence with ``load_image(i)``, such as
+    :class:`reidkit.data.synth.RenderedRecords`) are kept as given and never read from
+    disk.
+
     ``dataset[i]`` or ``dataset[(i, seed)]`` returns ``{"image": (3, H, W) float32, "pid": int,
     "camid": int, "path": str, "index": int}`` plus ``"keypoints": (17, 3) float32`` when the
     record has ``extras["keypoints"]`` (moved consistently with the geometric transforms).
@@ -134,7 +138,9 @@ class ImageDataset(Dataset):
         base_seed: int = 0,
         device_transforms: bool = False,
     ) -> None:
-        self.records = list(records)
+        # records that render their own images (the on-the-fly synthetic set) stay lazy
+        self._load_image = getattr(records, "load_image", None)
+        self.records = records if self._load_image is not None else list(records)
         self.transform = transform
         self.skip_corrupt = bool(skip_corrupt)
         self.base_seed = int(base_seed)
@@ -182,7 +188,12 @@ class ImageDataset(Dataset):
                 f"{path}: cannot read image ({type(exc).__name__}: {exc})"
             ) from exc
 
-    def _decode(self, path: str) -> Any:
+    def _decode(self, path: str, index: int | None = None) -> Any:
+        if self._load_image is not None and index is not None:
+            pixels = self._load_image(index)  # (H, W, 3) uint8, rendered
+            if self.batch_transform is not None or self._tensor_input:
+                return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).contiguous()
+            return Image.fromarray(pixels)
         if self.batch_transform is not None or self._tensor_input:
             try:
                 return decode_image(path)
@@ -198,7 +209,7 @@ class ImageDataset(Dataset):
             seed = sample_seed(self.base_seed, 0, index)
         record = self.records[index]
         try:
-            img: Any = self._decode(record.path)
+            img: Any = self._decode(record.path, index)
         except CorruptImageError as exc:
             if not self.skip_corrupt:
                 raise CorruptImageError(
@@ -514,8 +525,9 @@ def build_train_loader(
             "build_train_loader: no training records (is the dataset's train split empty?)"
         )
     if data.sampler == "pk":
+        pids = getattr(records, "pids", None)  # lazy records give them without building
         base: Sampler[int] = PKSampler(
-            [r.pid for r in records],
+            [int(p) for p in pids] if pids is not None else [r.pid for r in records],
             batch_size=data.batch_size,
             num_instances=data.num_instances,
             seed=seed,

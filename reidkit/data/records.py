@@ -32,6 +32,9 @@ class ReIDDataset:
 
     @property
     def num_train_pids(self) -> int:
+        pids = getattr(self.train, "pids", None)  # lazy records (rendered on the fly)
+        if pids is not None:
+            return len(set(pids.tolist()))
         return len({r.pid for r in self.train})
 
     @property

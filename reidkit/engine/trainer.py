@@ -25,6 +25,7 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,11 @@ class Trainer:
     Attributes hooks may read: ``cfg``, ``info`` (:class:`DistInfo`), ``device``,
     ``model`` (the method), ``ctx`` (:class:`StepContext`), ``dataset``, ``epoch``,
     ``iteration``, ``num_iterations``, ``total_epochs``, ``start_epoch``, ``lr``,
-    ``phase``, ``logger``, ``out_dir``, ``ckpt_dir``, ``last_path``, ``progress``.
+    ``phase``, ``logger``, ``out_dir``, ``ckpt_dir``, ``last_path``, ``progress``,
+    ``eval_hook``.
+
+    ``hooks`` run after the standard ones (after the checkpoint of each epoch is
+    written), e.g. the backbone export of ``reidkit pretrain``.
     """
 
     def __init__(
@@ -138,9 +143,11 @@ class Trainer:
         stop_after_epochs: int | None = None,
         progress: bool = True,
         dataset: Any = None,
+        hooks: Sequence[HookBase] = (),
     ) -> None:
         self.cfg = cfg
         self.given_dataset = dataset  # a ReIDDataset to use instead of cfg.data (tune)
+        self.extra_hooks = list(hooks)
         self.resume = resume
         self.overwrite = overwrite
         self.stop_after_epochs = stop_after_epochs
@@ -280,6 +287,7 @@ class Trainer:
             LoggerHook(progress=self.progress),
             self.eval_hook,
             CheckpointHook(),
+            *self.extra_hooks,
         ]
         for hook in self.hooks:
             hook.trainer = self
@@ -568,6 +576,7 @@ def train(
     stop_after_epochs: int | None = None,
     progress: bool = True,
     dataset: Any = None,
+    hooks: Sequence[HookBase] = (),
 ) -> Path:
     """Train ``cfg`` and return the run folder (``cfg.output_dir``).
 
@@ -581,11 +590,14 @@ def train(
     after this many epochs of this call, e.g. for time-limited cluster jobs; continue
     later with ``resume=True``. ``progress``: tqdm progress bars on rank 0. ``dataset``:
     a :class:`~reidkit.data.records.ReIDDataset` to train and evaluate on instead of the
-    one ``cfg.data`` names (``reidkit tune`` passes a validation split).
+    one ``cfg.data`` names (``reidkit tune`` passes a validation split). ``hooks``: extra
+    :class:`~reidkit.engine.hooks.HookBase` s run after the standard ones.
 
     Launched by ``torchrun`` (``WORLD_SIZE > 1``) it trains with DDP: NCCL on CUDA, gloo
     on CPU, one PK-sampler shard per rank, rank 0 logs, evaluates and writes.
     Raises :class:`NonFiniteLossError` if the loss becomes NaN/inf (earlier checkpoints
     are kept untouched).
     """
-    return Trainer(cfg, resume, overwrite, stop_after_epochs, progress, dataset=dataset).run()
+    return Trainer(
+        cfg, resume, overwrite, stop_after_epochs, progress, dataset=dataset, hooks=hooks
+    ).run()

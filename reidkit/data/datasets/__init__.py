@@ -31,6 +31,7 @@ from reidkit.data.datasets.market import (
     load_veri,
 )
 from reidkit.data.datasets.msmt17 import load_msmt17
+from reidkit.data.datasets.synth_render import load_synth_render
 from reidkit.data.records import ReIDDataset
 
 __all__ = [
@@ -57,6 +58,7 @@ _REGISTRY: dict[str, Loader] = {
     "veri": load_veri,
     "custom": load_custom,
     "synth": load_synth,
+    "synth_render": load_synth_render,
 }
 _ALIASES: dict[str, str] = {
     "market": "market1501",
@@ -131,7 +133,7 @@ def build_dataset(name: str, root: str | os.PathLike, **options: Any) -> ReIDDat
             and dataset-specific ones: ``msmt17``: ``version`` (auto/v1/v2), ``merge_val``;
             ``cuhk03``: ``variant`` (labeled/detected), ``source`` (auto/np/mat),
             ``classic_split``, ``split_id``; ``custom``: ``manifest``, ``cam_pattern``;
-            ``synth``: ``preset``.
+            ``synth``: ``preset``; ``synth_render``: ``render``, ``height``, ``width``.
 
     Raises:
         DatasetError: unknown name or option, missing folders, bad names, empty splits,
@@ -166,9 +168,10 @@ def dataset_from_config(data_cfg: Any, **overrides: Any) -> Any:
 
     Image datasets: maps ``cuhk03_variant`` -> ``variant``, ``cuhk03_classic_split`` ->
     ``classic_split``, ``custom_manifest`` -> ``manifest``, ``synth_preset`` -> ``preset``,
-    ``skip_corrupt`` and ``keypoints``; only the options the chosen dataset accepts are
-    passed. Both kinds: ``data.dataset_options`` (dataset-specific options, checked by the
-    parser) and the keyword ``overrides`` (e.g. ``verify_images=True``) are passed through.
+    ``render``, ``height`` / ``width`` (``synth_render``), ``skip_corrupt`` and
+    ``keypoints``; only the options the chosen dataset accepts are passed. Both kinds:
+    ``data.dataset_options`` (dataset-specific options, checked by the parser) and the
+    keyword ``overrides`` (e.g. ``verify_images=True``) are passed through.
     """
     options_from_cfg = dict(getattr(data_cfg, "dataset_options", None) or {})
     if is_video_config(data_cfg):
@@ -187,6 +190,9 @@ def dataset_from_config(data_cfg: Any, **overrides: Any) -> Any:
         "classic_split": getattr(data_cfg, "cuhk03_classic_split", None),
         "manifest": getattr(data_cfg, "custom_manifest", None),
         "preset": getattr(data_cfg, "synth_preset", None),
+        "render": getattr(data_cfg, "render", None),
+        "height": getattr(data_cfg, "height", None),
+        "width": getattr(data_cfg, "width", None),
     }
     allowed = set(_specific_options(fn))
     options = {k: v for k, v in candidates.items() if k in allowed and v is not None}

@@ -16,7 +16,10 @@ Modules, bottom up:
 * :mod:`.rendering`: skeleton, body parts, keypoints, occluders (``render_sample``);
 * :mod:`.layout`: presets, plan and writer of the image set (``generate``);
 * :mod:`.video`: presets, plan and writer of the video set (``generate_video``);
-* :mod:`.preview`: contact sheets (``write_preview``, ``write_video_preview``).
+* :mod:`.preview`: contact sheets (``write_preview``, ``write_video_preview``);
+* :mod:`.knobs`, :mod:`.variety`, :mod:`.online`: the set rendered on the fly in the
+  loader workers (``data.dataset: synth_render``; ``SynthRenderSource``), with presets up
+  to hundreds of thousands of images and wider distributions (docs/pretrain.md).
 
 Everything is deterministic for a seed and independent of the number of worker
 processes; see docs/synth.md and docs/video.md.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 from .camera import Camera, apply_camera
 from .identity import CUE_KEYS, FAMILY_VARYING_CUES, sample_identity
+from .knobs import RENDER_PRESETS, VARIETY_KNOBS, SynthRenderConfig
 from .layout import (
     PRESETS,
     SPLIT_FOLDERS,
@@ -36,6 +40,7 @@ from .layout import (
 )
 from .layout import _sample_counts as _sample_counts  # noqa: F401  (tests, tools)
 from .layout import _split_over as _split_over  # noqa: F401
+from .online import RenderedRecords, SynthRenderSource
 from .preview import write_preview, write_video_preview
 from .rendering import COCO_KEYPOINT_NAMES, OCCLUDER_KINDS, Tracklet, render_sample
 from .video import (
@@ -48,6 +53,11 @@ from .video import (
 )
 
 __all__ = [
+    "RENDER_PRESETS",
+    "VARIETY_KNOBS",
+    "SynthRenderConfig",
+    "SynthRenderSource",
+    "RenderedRecords",
     "PRESETS",
     "SynthPreset",
     "COCO_KEYPOINT_NAMES",

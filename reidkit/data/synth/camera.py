@@ -110,9 +110,14 @@ def _lowfreq(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def _background(cam: Camera, seed: int, h: int, w: int) -> np.ndarray:
-    """Camera background texture, uint8 (h, w, 3); crops of it are used per image."""
-    rng = np.random.default_rng([seed, 0xBAC6, cam.index])
+def _background(cam: Camera, seed: int, h: int, w: int, variant: int | None = None) -> np.ndarray:
+    """Camera background texture, uint8 (h, w, 3); crops of it are used per image.
+
+    ``variant`` (the on-the-fly set's ``background_variety``) selects one of several
+    textures of the camera; ``None`` is the on-disk generator's single texture.
+    """
+    key = [seed, 0xBAC6, cam.index] + ([] if variant is None else [0x7A2, variant])
+    rng = np.random.default_rng(key)
     cols = np.array(cam.bg_colours, dtype=np.float32)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     ynorm = yy / h
@@ -169,6 +174,19 @@ def _background(cam: Camera, seed: int, h: int, w: int) -> np.ndarray:
         stripe_y = horizon + 0.3
         dash = (np.abs(ynorm - stripe_y) < 0.02) & (((xx + 0.0) % (w / 3)) < w / 6)
         out[dash] = np.array([225, 225, 210], np.float32)
+    elif kind == "clutter":  # blocks of colour: shop windows, doors, parked cars, signs
+        out[:] = cols[0]
+        for _ in range(int(rng.integers(6, 14))):
+            x0, y0 = rng.uniform(-0.2, 1.0) * w, rng.uniform(-0.1, 0.9) * h
+            bw_, bh_ = rng.uniform(0.1, 0.5) * w, rng.uniform(0.05, 0.35) * h
+            colour = rng.uniform(25, 235, 3).astype(np.float32)
+            block = (xx >= x0) & (xx < x0 + bw_) & (yy >= y0) & (yy < y0 + bh_)
+            out[block] = 0.5 * colour + 0.5 * cols[int(rng.integers(0, 4))]
+    elif kind == "smooth":  # a smooth field: shared shading, mild colour variation
+        shade = 0.6 + 0.8 * _lowfreq(rng, h, w, 16)
+        for ch_ in range(3):
+            tint = 0.85 + 0.3 * _lowfreq(rng, h, w, 24)
+            out[..., ch_] = cols[1][ch_] * shade * tint
     else:  # brick
         out[:] = np.array([150, 70, 50], np.float32) * 0.6 + cols[0] * 0.4
         bh = h / rng.uniform(14, 20)

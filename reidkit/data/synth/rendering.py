@@ -27,6 +27,7 @@ from .identity import HAIR_COLOURS, PALETTE, SKIN_TONES, _choice, sample_identit
 
 __all__ = [
     "COCO_KEYPOINT_NAMES",
+    "ImageJitter",
     "Tracklet",
     "render_sample",
     "draw_person",
@@ -64,8 +65,12 @@ class _Shape:
     occludes: bool = True
 
 
-def _rgb(name: str, table: dict[str, tuple[int, int, int]] = PALETTE) -> tuple[int, int, int]:
-    return table[name]
+def _rgb(name: Any, table: dict[str, tuple[int, int, int]] = PALETTE) -> tuple[int, int, int]:
+    """A palette colour by name, or an explicit ``[r, g, b]`` (the wide-colour knob)."""
+    if isinstance(name, str):
+        return table[name]
+    r, g, b = name
+    return (int(r), int(g), int(b))
 
 
 def _shade(colour: tuple[int, int, int], f: float) -> tuple[int, int, int]:
@@ -195,6 +200,13 @@ def _person_shapes(
             capsule(hip, mid, 0.05 * wf, 0.044 * wf, lower, dl + 2e-4, owner)
         else:
             capsule(hip, knee, 0.047 * wf, 0.035 * wf, leg_colour, dl + 1e-4, owner)
+        if attrs.get("lower_pattern") == "side_stripe" and attrs["lower_type"] == "trousers":
+            # a stripe down the outer seam (tracksuit), in the top's accent colour
+            sgn = 1.0 if side == "l" else -1.0
+            out_ = np.array([sgn * 0.04 * wf, 0.0, 0.0])
+            stripe = _rgb(attrs["upper_accent"])
+            capsule(hip + out_, knee + out_, 0.009, 0.008, stripe, dl + 3e-4, owner)
+            capsule(knee + out_, ankle + out_, 0.008, 0.007, stripe, dl + 3e-4, owner)
         # shoe: heel/toe along the body's forward axis
         lat = 0.027
         pts = [ankle + np.array([dxl, 0.0, dz]) for dxl in (-lat, lat) for dz in (-0.028, 0.07)]
@@ -257,7 +269,18 @@ def _person_shapes(
     ]
     shapes.append(_Shape(0.0, "poly", torso, upper, "torso"))
     accent = _rgb(attrs["upper_accent"])
-    if attrs["upper_pattern"] == "stripes":
+    if attrs["upper_pattern"] in _EXTRA_PATTERNS:
+        shapes.extend(
+            _texture_shapes(
+                attrs["upper_pattern"],
+                accent,
+                (scx - swp * 0.98, sy + 0.02 * scale),
+                (scx + swp * 0.98, sy + 0.02 * scale),
+                (hcx + hwp * 0.98, bottom_y),
+                (hcx - hwp * 0.98, bottom_y),
+            )
+        )
+    elif attrs["upper_pattern"] == "stripes":
         left_top, left_bot = (scx - swp * 0.98, sy + 0.02 * scale), (hcx - hwp * 0.98, bottom_y)
         right_top, right_bot = (scx + swp * 0.98, sy + 0.02 * scale), (hcx + hwp * 0.98, bottom_y)
 
@@ -541,6 +564,67 @@ def _self_occluded(
     return hidden
 
 
+#: Top textures only the ``textures`` knob of the on-the-fly set draws (the on-disk presets
+#: use plain, stripes and logo).
+_EXTRA_PATTERNS = ("vstripes", "checks", "two_tone")
+
+
+def _texture_shapes(
+    pattern: str,
+    accent: tuple[int, int, int],
+    top_left: tuple[float, float],
+    top_right: tuple[float, float],
+    bottom_right: tuple[float, float],
+    bottom_left: tuple[float, float],
+) -> list[_Shape]:
+    """Accent shapes of an extra top texture on the torso quad (canvas corners)."""
+
+    def at(u: float, v: float) -> tuple[float, float]:
+        # bilinear point of the quad: u across (left -> right), v down (top -> bottom)
+        lx = top_left[0] + (bottom_left[0] - top_left[0]) * v
+        ly = top_left[1] + (bottom_left[1] - top_left[1]) * v
+        rx = top_right[0] + (bottom_right[0] - top_right[0]) * v
+        ry = top_right[1] + (bottom_right[1] - top_right[1]) * v
+        return (lx + (rx - lx) * u, ly + (ry - ly) * u)
+
+    def cell(u0: float, u1: float, v0: float, v1: float) -> _Shape:
+        poly = [at(u0, v0), at(u1, v0), at(u1, v1), at(u0, v1)]
+        return _Shape(1e-4, "poly", poly, accent, "torso", occludes=False)
+
+    if pattern == "vstripes":
+        return [cell(u, u + 0.12, 0.0, 1.0) for u in (0.1, 0.44, 0.78)]
+    if pattern == "checks":
+        return [
+            cell(u, u + 0.2, v, v + 0.2)
+            for i, u in enumerate((0.0, 0.2, 0.4, 0.6, 0.8))
+            for j, v in enumerate((0.0, 0.2, 0.4, 0.6, 0.8))
+            if (i + j) % 2 == 0
+        ]
+    if pattern == "two_tone":  # a yoke: the top third in the accent colour
+        return [cell(0.0, 1.0, -0.08, 0.34)]
+    raise ValueError(f"unknown top texture {pattern!r}; expected one of {_EXTRA_PATTERNS}")
+
+
+@dataclass(frozen=True)
+class ImageJitter:
+    """Per-image variation around a tracklet (standard deviations in fractions of the
+    box, radians and cycles): the defaults are the on-disk generator's; the variety knobs
+    of the on-the-fly set widen them."""
+
+    yaw: float = 0.12
+    phase: float = 0.15
+    height: float = 0.02
+    xoff: float = 0.025
+    ytop: float = 0.015
+    misalign_p: float = 0.08  # rate of boxes that cut the head or feet
+    misalign: tuple[float, float] = (0.06, 0.16)
+    gain: tuple[float, float] = (0.9, 1.1)  # per-image brightness factor
+    blur: tuple[float, float] = (0.7, 1.3)  # factor of the camera's blur
+
+
+_DEFAULT_JITTER = ImageJitter()
+
+
 @dataclass(frozen=True)
 class Tracklet:
     """Per (person, camera) walk: shared viewpoint / placement, images vary around it."""
@@ -673,6 +757,7 @@ def render_sample(
     background: np.ndarray,
     mode: str = "normal",
     supersample: int = 2,
+    jitter: ImageJitter | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one image.
 
@@ -683,6 +768,8 @@ def render_sample(
         height, width: stored image size H x W.
         background: camera texture from ``_background`` at the canvas scale.
         mode: ``normal`` or ``junk`` (bad detection: mostly background or a body part).
+        jitter: per-image variation (default: the on-disk generator's :class:`ImageJitter`;
+            the same random draws in the same order whatever the values).
 
     Returns:
         image uint8 (H, W, 3) and keypoints float (17, 3) ``[x, y, v]`` in image pixels.
@@ -696,11 +783,14 @@ def render_sample(
     canvas = Image.fromarray(ground)
     draw = ImageDraw.Draw(canvas)
 
-    yaw = tracklet.yaw + float(rng.normal(0, 0.12))
-    phase = tracklet.phase0 + k * tracklet.dphase + float(rng.normal(0, 0.15))
-    hfrac = tracklet.hfrac * (1.0 + 0.6 * (attrs["height"] - 1.0)) + float(rng.normal(0, 0.02))
-    xoff = tracklet.xoff + float(rng.normal(0, 0.025))
-    ytop = tracklet.ytop + float(rng.normal(0, 0.015))
+    jit = jitter or _DEFAULT_JITTER
+    yaw = tracklet.yaw + float(rng.normal(0, jit.yaw))
+    phase = tracklet.phase0 + k * tracklet.dphase + float(rng.normal(0, jit.phase))
+    hfrac = tracklet.hfrac * (1.0 + 0.6 * (attrs["height"] - 1.0)) + float(
+        rng.normal(0, jit.height)
+    )
+    xoff = tracklet.xoff + float(rng.normal(0, jit.xoff))
+    ytop = tracklet.ytop + float(rng.normal(0, jit.ytop))
     draw_it = True
     if mode == "junk":
         r = rng.random()
@@ -714,8 +804,8 @@ def render_sample(
             hfrac = float(rng.uniform(0.45, 0.9))
             xoff = float(rng.choice([-1.0, 1.0])) * float(rng.uniform(0.35, 0.6))
             ytop = float(rng.uniform(-0.3, 0.5))
-    elif rng.random() < 0.08:  # detector misalignment: head or feet cut
-        ytop += float(rng.choice([-1.0, 1.0])) * float(rng.uniform(0.06, 0.16))
+    elif rng.random() < jit.misalign_p:  # detector misalignment: head or feet cut
+        ytop += float(rng.choice([-1.0, 1.0])) * float(rng.uniform(*jit.misalign))
 
     kps = np.zeros((17, 3), dtype=np.float64)
     if draw_it:
@@ -736,7 +826,7 @@ def render_sample(
             _draw_still_occluder(rng, draw, ImageDraw.Draw(mask), cw, ch)
             hidden |= hidden_by_mask(kxy, np.asarray(mask))
         kps = keypoint_rows(kxy, hidden, ss, height, width)
-    return apply_camera(canvas.reduce(ss), camera, rng), kps
+    return apply_camera(canvas.reduce(ss), camera, rng, jit.gain, jit.blur), kps
 
 
 # ------------------------------------------------------------------ passing occluders
