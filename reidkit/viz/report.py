@@ -3,7 +3,9 @@
 For each chosen query the page shows the query and its top-k gallery images (green
 border: same identity, red: different), each with its ranking activation map overlay
 (CAMA Eq. 10): the aggregate map of the test feature and, for multi-branch models, one
-map per branch, switchable with buttons (plain JS, no network). The page also carries the
+map per branch, plus any views the method adds through its ``report_views`` hook (CAN: where
+the query and each ranked item attend given the other), switchable with buttons (plain JS,
+no network). The page also carries the
 summary metrics and the CMC curve (inline SVG). Images are embedded as base64 JPEG data
 URIs, so the single file can be mailed or archived.
 
@@ -440,7 +442,8 @@ def render_report_html(
         "<div id='controls'>Overlay: <span id='view-buttons'></span> "
         "<label><input type='checkbox' id='only-failures'> only rank-1 misses</label>"
         " &nbsp;<small>border: <span style='color:#1a9641'>green</span> same identity, "
-        "<span style='color:#d7191c'>red</span> different; maps: ranking activation maps (Eq. 10)</small></div>"
+        "<span style='color:#d7191c'>red</span> different; maps: ranking activation maps (Eq. 10) and the method's own views"
+        "</small></div>"
         f"<div id='rows'>{''.join(body_rows)}</div>"
         f"<script type='application/json' id='report-views'>{view_json}</script>"
         f"<script>{_JS}</script></body></html>"
@@ -456,6 +459,58 @@ def _to_uint8_images(
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     x = (images.detach().float().cpu() * s + m).clamp(0, 1)
     return (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+@dataclass
+class _MethodView:
+    """A method's :class:`~reidkit.methods.base.ReportView`, upsampled to the image size."""
+
+    key: str
+    label: str
+    heat: np.ndarray  # (1 + k, H, W)
+    partner: np.ndarray | None  # (1 + k, H, W) over the query image
+    vmin: float | None
+    vmax: float | None
+
+    def cell(self, pixels: np.ndarray, j: int, alpha: float) -> np.ndarray:
+        """The overlay of cell ``j`` (``pixels`` uint8 ``(1 + k, H, W, 3)``, query first):
+        with a partner map, the query's overlay, a white gap, then the item's overlay."""
+        own = overlay_heatmap(pixels[j], self.heat[j], alpha, self.vmin, self.vmax)
+        if self.partner is None or j == 0:
+            return own
+        query = overlay_heatmap(pixels[0], self.partner[j], alpha, self.vmin, self.vmax)
+        gap = np.full((own.shape[0], max(2, own.shape[1] // 16), 3), 255, dtype=np.uint8)
+        return np.concatenate([query, gap, own], axis=1)
+
+
+def _method_views(model: nn.Module, batch: torch.Tensor) -> list[_MethodView]:
+    """The views of the model's ``report_views(images)`` hook (none without it)."""
+    hook = getattr(model, "report_views", None)
+    if not callable(hook):
+        return []
+    size = batch.shape[-2:]
+    n = batch.shape[0]
+
+    def up(heat: torch.Tensor, what: str, key: str) -> np.ndarray:
+        if heat.dim() != 3 or heat.shape[0] != n:
+            raise ValueError(
+                f"{type(model).__name__}.report_views: view '{key}' {what} must be "
+                f"({n}, h, w) for {n} images, got {tuple(heat.shape)}"
+            )
+        big = F.interpolate(heat[:, None].float(), size=size, mode="bilinear", align_corners=False)
+        return big[:, 0].cpu().numpy()
+
+    out = []
+    for view in hook(batch):
+        partner = (
+            None if view.partner_heat is None else up(view.partner_heat, "partner_heat", view.key)
+        )
+        out.append(
+            _MethodView(
+                view.key, view.label, up(view.heat, "heat", view.key), partner, view.vmin, view.vmax
+            )
+        )
+    return out
 
 
 @torch.no_grad()
@@ -490,7 +545,9 @@ def build_ranking_report(
 
     Args:
         model: a model with ``forward_maps`` (CAMA: per-branch views) or a single-head
-            baseline (``backbone`` + BN/Linear head).
+            baseline (``backbone`` + BN/Linear head). A model with a
+            ``report_views(images)`` hook (:class:`reidkit.methods.base.ReportView`) adds
+            its own views, e.g. CAN's cross-attention maps of each (query, item) pair.
         load_images: ``(query indices, gallery indices) -> (query images, gallery images)``,
             normalised ``(n, 3, H, W)`` tensors as the test loader produces them.
         distmat: ``(num_query, num_gallery)`` distances used for the ranking.
@@ -522,6 +579,7 @@ def build_ranking_report(
     dist = _as_tensor(distmat)
     n_test = int(getattr(model, "test_branches", getattr(model, "num_branches", 1)))
     views: list[tuple[str, str]] | None = None
+    method_keys: list[str] = []
     rows: list[ReportRow] = []
     regions = _RegionViews(model, load_keypoints) if hasattr(model, "predict_boxes") else None
     for qi, failed in zip(chosen, failures):
@@ -552,6 +610,16 @@ def build_ranking_report(
             region_uris = regions.views(batch, pixels, [qi], gal)
             known = {k for k, _ in views}
             views += [(k, lbl) for k, lbl in regions.labels if k in region_uris and k not in known]
+        method_views = _method_views(model, batch)
+        if not rows:
+            method_keys = [mv.key for mv in method_views]
+            known = {k for k, _ in views}
+            views += [(mv.key, mv.label) for mv in method_views if mv.key not in known]
+        elif [mv.key for mv in method_views] != method_keys:
+            raise ValueError(
+                f"{type(model).__name__}.report_views gave views "
+                f"{[mv.key for mv in method_views]} for query {qi}, {method_keys} before"
+            )
         cells = []
         for j in range(batch.shape[0]):
             uris = {IMAGE_VIEW: to_data_uri(pixels[j])}
@@ -559,6 +627,8 @@ def build_ranking_report(
                 uris[key] = images[j]
             for v, (key, _) in enumerate(views[1 : 1 + stack.shape[0]]):
                 uris[key] = to_data_uri(overlay_heatmap(pixels[j], up[v, j], alpha=alpha))
+            for mv in method_views:
+                uris[mv.key] = to_data_uri(mv.cell(pixels, j, alpha))
             if j == 0:
                 cap = f"query<br>{_id_caption(int(qp[qi]), int(qc[qi]))}"
                 cells.append(ReportImage(uris, cap, "query"))
