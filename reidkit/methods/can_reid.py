@@ -106,7 +106,9 @@ def vector_distance(q: Tensor, g: Tensor, metric: str = "cosine") -> Tensor:
     (``cosine``: ``1 - cos``; ``euclidean``: true distance; ``sqeuclidean``)."""
     q, g = q.float(), g.float()
     if metric == "cosine":
-        return 1.0 - F.normalize(q, dim=1) @ F.normalize(g, dim=1).T
+        # scale the (n, G) product by 1 / |g| instead of normalising a copy of the gallery
+        sim = F.normalize(q, dim=1) @ g.T
+        return 1.0 - sim.mul_(torch.linalg.vector_norm(g, dim=1).clamp_min(1e-12).reciprocal())
     if metric not in ("euclidean", "sqeuclidean"):
         raise ValueError(f"test.metric: unknown metric '{metric}' (cosine, euclidean, sqeuclidean)")
     d = q.square().sum(1, keepdim=True) + g.square().sum(1)[None]
@@ -392,8 +394,7 @@ class CanReID(Baseline):
             )
         d, gh, gw = gmaps.shape[1:]
         g_pos = gmaps.view(len(gmaps), d, gh * gw).transpose(1, 2)  # a view, no copy
-        qf = F.normalize(query.feats.float(), dim=1)
-        gf = F.normalize(gallery.feats.float(), dim=1)
+        qf, gf = query.feats, gallery.feats
         out = torch.empty(q, k, device=dev, dtype=torch.float32)
         step = max(1, o.pair_chunk // k)
         for s in range(0, q, step):
@@ -410,8 +411,11 @@ class CanReID(Baseline):
                 s_can = F.cosine_similarity(
                     q_blk.float().mean((-2, -1)).unsqueeze(1), g_blk.float().mean((-2, -1)), dim=-1
                 )
-            g_vec = gf.index_select(0, flat.to(gf.device)).to(dev).view(idx.shape[0], k, -1)
-            s_vec = (qf[s : s + step].to(dev).unsqueeze(1) * g_vec).sum(-1)
+            # cosine of the vectors, normalising only the gathered rows
+            g_vec = gf.index_select(0, flat.to(gf.device)).to(dev).float()
+            g_vec = F.normalize(g_vec, dim=1).view(idx.shape[0], k, -1)
+            q_vec = F.normalize(qf[s : s + step].to(dev).float(), dim=1)
+            s_vec = (q_vec.unsqueeze(1) * g_vec).sum(-1)
             out[s : s + step] = (1.0 - lam) * (1.0 - s_vec) + lam * (1.0 - s_can)
         return out
 
