@@ -24,7 +24,8 @@ class FeatureSet:
 
     ``feats``: (N, D) float32 vectors; ``pids``, ``camids``: (N,) int64; ``paths``: N
     strings; ``extras``: other per-item tensors a method keeps for its own scoring
-    (``{name: (N, ...)}``, e.g. feature maps for pairwise re-scoring).
+    (``{name: (N, ...)}``, e.g. feature maps for pairwise re-scoring; float16 /
+    bfloat16 extras keep their precision, other floating extras are float32).
     """
 
     feats: torch.Tensor
@@ -203,7 +204,8 @@ def extract_features(
     ``flip``: average with the horizontally flipped batch (one forward of 2B items).
     ``normalize``: L2-normalise the (averaged) vector. ``keep``: other ``encode`` outputs
     stored in ``FeatureSet.extras`` (default: the model's ``keep_for_eval``; from the
-    unflipped items). Returns float32 tensors on CPU.
+    unflipped items; float16 / bfloat16 extras keep their precision). Returns tensors on
+    CPU (vectors in float32).
     """
     device = torch.device(device)
     keep = tuple(getattr(model, "keep_for_eval", ()) if keep is None else keep)
@@ -249,7 +251,7 @@ def extract_features(
                         f"extract_features: {type(model).__name__}.encode gave no '{k}' "
                         f"(keep_for_eval); it returned {sorted(out)}"
                     )
-                kept[k].append(out[k][:b].detach().float().cpu())
+                kept[k].append(_kept_tensor(out[k][:b]))
             pids.append(torch.as_tensor(batch["pids"]).long().cpu())
             camids.append(torch.as_tensor(batch["camids"]).long().cpu())
             paths.extend(_path_str(p) for p in batch.get("paths", []))
@@ -269,6 +271,16 @@ def extract_features(
         paths,
         {k: torch.cat(v) for k, v in kept.items()},
     )
+
+
+def _kept_tensor(t: torch.Tensor) -> torch.Tensor:
+    """An extra for ``FeatureSet.extras`` on CPU: float16 / bfloat16 stay as the method
+    returned them (a method stores large maps at reduced precision on purpose, e.g. CAN's
+    ``can_map``), other floating types become float32."""
+    t = t.detach()
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return t.cpu()
 
 
 def _path_str(p: Any) -> str:

@@ -20,6 +20,7 @@ Evaluation::
                                    # clip batches: (B, T, D) per frame or (B, D) per clip
     method.pairwise_distance(q, g) # None: cfg.test.metric on the vectors; else (q, G) distances
     method.eval_extras(cfg, dataset, device)   # extra metrics (CAMA's branch overlap)
+    method.report_views(images)    # extra overlays for the ranking report (CAN's attention)
 
 Class attributes declare what the method needs and offers: ``requires`` (batch keys the
 training data must provide; a dataset without them is refused before training starts),
@@ -69,6 +70,7 @@ __all__ = [
     "MethodSpec",
     "MissingBatchKeyError",
     "EvalExtras",
+    "ReportView",
     "register_method",
     "method_spec",
     "all_method_specs",
@@ -131,6 +133,25 @@ class EvalExtras:
 
     metrics: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReportView:
+    """An overlay a method adds to the ranking report (:meth:`ReIDMethod.report_views`).
+
+    ``heat``: ``(1 + k, h, w)`` one map per cell of a report row (the query, then its
+    ranked gallery items), drawn over that cell's image. ``partner_heat``: optional
+    ``(1 + k, h, w)`` maps drawn over the *query* image and shown next to each gallery
+    cell (pairwise methods: where the query looks given that item; entry 0 is unused).
+    ``vmin`` / ``vmax``: the colour scale (default: each map's own range).
+    """
+
+    key: str
+    label: str
+    heat: torch.Tensor
+    partner_heat: torch.Tensor | None = None
+    vmin: float | None = None
+    vmax: float | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -378,6 +399,11 @@ class ReIDMethod(nn.Module):
     ) -> EvalExtras | None:
         """Extra metrics and notes for an evaluation (default: none)."""
         return None
+
+    def report_views(self, images: torch.Tensor) -> list[ReportView]:
+        """Extra overlays for one row of the ranking report: ``images`` ``(1 + k, 3, H, W)``
+        (normalised), the query first, then its ranked gallery items. Default: none."""
+        return []
 
     @classmethod
     def has_pairwise_score(cls) -> bool:

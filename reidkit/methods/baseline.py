@@ -56,6 +56,8 @@ class Baseline(ReIDMethod):
         cfg: the experiment config (read, not modified; presets are applied by the
             registered builders before construction).
         num_classes: number of training identities (0: inference only, no classifier).
+        backbone: a trunk to use instead of ``cfg.model.backbone`` (with ``out_channels``;
+            tests use narrow ResNets).
 
     Attributes:
         backbone: ResNet trunk (``out_channels`` = ``feat_dim``).
@@ -64,12 +66,12 @@ class Baseline(ReIDMethod):
         test_feature: ``"post_bn"`` or ``"pre_bn"``: what eval ``forward`` returns.
     """
 
-    def __init__(self, cfg: Config, num_classes: int) -> None:
+    def __init__(self, cfg: Config, num_classes: int, backbone: nn.Module | None = None) -> None:
         super().__init__()
         mcfg, lcfg = cfg.model, cfg.loss
         self.cfg = cfg
         self.num_classes = num_classes
-        self.backbone = backbone_from_config(mcfg)
+        self.backbone = backbone if backbone is not None else backbone_from_config(mcfg)
         self.feat_dim: int = self.backbone.out_channels
         self.pool = build_pooling(mcfg.pooling, p=mcfg.gem_p)
         self.neck = BNNeck(self.feat_dim, num_classes, neck=mcfg.neck)

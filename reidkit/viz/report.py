@@ -3,7 +3,9 @@
 For each chosen query the page shows the query and its top-k gallery images (green
 border: same identity, red: different), each with its ranking activation map overlay
 (CAMA Eq. 10): the aggregate map of the test feature and, for multi-branch models, one
-map per branch, switchable with buttons (plain JS, no network). The page also carries the
+map per branch, plus any views the method adds through its ``report_views`` hook (CAN: where
+the query and each ranked item attend given the other), switchable with buttons (plain JS,
+no network). The page also carries the
 summary metrics and the CMC curve (inline SVG). Images are embedded as base64 JPEG data
 URIs, so the single file can be mailed or archived.
 
@@ -483,6 +485,58 @@ def _to_uint8_images(
     return (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
 
 
+@dataclass
+class _MethodView:
+    """A method's :class:`~reidkit.methods.base.ReportView`, upsampled to the image size."""
+
+    key: str
+    label: str
+    heat: np.ndarray  # (1 + k, H, W)
+    partner: np.ndarray | None  # (1 + k, H, W) over the query image
+    vmin: float | None
+    vmax: float | None
+
+    def cell(self, pixels: np.ndarray, j: int, alpha: float) -> np.ndarray:
+        """The overlay of cell ``j`` (``pixels`` uint8 ``(1 + k, H, W, 3)``, query first):
+        with a partner map, the query's overlay, a white gap, then the item's overlay."""
+        own = overlay_heatmap(pixels[j], self.heat[j], alpha, self.vmin, self.vmax)
+        if self.partner is None or j == 0:
+            return own
+        query = overlay_heatmap(pixels[0], self.partner[j], alpha, self.vmin, self.vmax)
+        gap = np.full((own.shape[0], max(2, own.shape[1] // 16), 3), 255, dtype=np.uint8)
+        return np.concatenate([query, gap, own], axis=1)
+
+
+def _method_views(model: nn.Module, batch: torch.Tensor) -> list[_MethodView]:
+    """The views of the model's ``report_views(images)`` hook (none without it)."""
+    hook = getattr(model, "report_views", None)
+    if not callable(hook):
+        return []
+    size = batch.shape[-2:]
+    n = batch.shape[0]
+
+    def up(heat: torch.Tensor, what: str, key: str) -> np.ndarray:
+        if heat.dim() != 3 or heat.shape[0] != n:
+            raise ValueError(
+                f"{type(model).__name__}.report_views: view '{key}' {what} must be "
+                f"({n}, h, w) for {n} images, got {tuple(heat.shape)}"
+            )
+        big = F.interpolate(heat[:, None].float(), size=size, mode="bilinear", align_corners=False)
+        return big[:, 0].cpu().numpy()
+
+    out = []
+    for view in hook(batch):
+        partner = (
+            None if view.partner_heat is None else up(view.partner_heat, "partner_heat", view.key)
+        )
+        out.append(
+            _MethodView(
+                view.key, view.label, up(view.heat, "heat", view.key), partner, view.vmin, view.vmax
+            )
+        )
+    return out
+
+
 @torch.no_grad()
 def build_ranking_report(
     model: nn.Module,
@@ -517,7 +571,9 @@ def build_ranking_report(
 
     Args:
         model: a model with ``forward_maps`` (CAMA: per-branch views) or a single-head
-            baseline (``backbone`` + BN/Linear head).
+            baseline (``backbone`` + BN/Linear head). A model with a
+            ``report_views(images)`` hook (:class:`reidkit.methods.base.ReportView`) adds
+            its own views, e.g. CAN's cross-attention maps of each (query, item) pair.
         load_images: ``(query indices, gallery indices) -> (query images, gallery images)``,
             normalised ``(n, 3, H, W)`` tensors as the test loader produces them.
         distmat: ``(num_query, num_gallery)`` distances used for the ranking.
@@ -551,6 +607,7 @@ def build_ranking_report(
     dist = _as_tensor(distmat)
     n_test = int(getattr(model, "test_branches", getattr(model, "num_branches", 1)))
     views: list[tuple[str, str]] | None = None
+    method_keys: list[str] = []
     rows: list[ReportRow] = []
     regions = _RegionViews(model, load_keypoints) if hasattr(model, "predict_boxes") else None
     for qi, failed in zip(chosen, failures):
@@ -588,6 +645,16 @@ def build_ranking_report(
             region_uris = regions.views(batch, pixels, [qi], gal)
             known = {k for k, _ in views}
             views += [(k, lbl) for k, lbl in regions.labels if k in region_uris and k not in known]
+        method_views = _method_views(model, batch)
+        if not rows:
+            method_keys = [mv.key for mv in method_views]
+            known = {k for k, _ in views}
+            views += [(mv.key, mv.label) for mv in method_views if mv.key not in known]
+        elif [mv.key for mv in method_views] != method_keys:
+            raise ValueError(
+                f"{type(model).__name__}.report_views gave views "
+                f"{[mv.key for mv in method_views]} for query {qi}, {method_keys} before"
+            )
         cells = []
         for j in range(batch.shape[0]):
             uris = {IMAGE_VIEW: to_data_uri(pixels[j])}
@@ -595,6 +662,8 @@ def build_ranking_report(
                 uris[key] = images[j]
             for v, (key, _) in enumerate(views[1 : 1 + stack.shape[0]]):
                 uris[key] = to_data_uri(overlay_heatmap(pixels[j], up[v, j], alpha=alpha))
+            for mv in method_views:
+                uris[mv.key] = to_data_uri(mv.cell(pixels, j, alpha))
             if j == 0:
                 cap = f"query<br>{_id_caption(int(qp[qi]), int(qc[qi]))}"
                 cells.append(ReportImage(uris, cap, "query"))
@@ -606,8 +675,11 @@ def build_ranking_report(
         rows.append(ReportRow(f"query {qi}", cells[0], cells[1:], failed))
     summary_blocks = [regions.section()] if regions is not None else []
     legend = "maps: ranking activation maps (Eq. 10)"
-    if extra_views:
-        legend += "; " + ", ".join(v.label for v in extra_views)
+    extra_labels = [v.label for v in extra_views]
+    if views:
+        extra_labels += [lbl for k, lbl in views if k in method_keys]
+    if extra_labels:
+        legend += "; " + ", ".join(extra_labels)
     page = render_report_html(
         rows,
         views or [],
