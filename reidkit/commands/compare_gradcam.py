@@ -1,0 +1,259 @@
+"""``reidkit compare-gradcam``: Grad-CAM of several trained runs side by side on the same
+images (the SCR supplementary's Fig. 3: a plain ResNet-50, an SE-Net and a Residual
+Attention Network).
+
+    reidkit compare-gradcam --runs runs/synth/backbones/resnet50 \\
+        runs/synth/backbones/se_resnet50 runs/synth/backbones/resattnet56 \\
+        --split query --num 6 --out fig3.png [--json fig3.json]
+    reidkit compare-gradcam --runs RUN_A RUN_B --images a.jpg b.jpg --out grid.png
+    reidkit compare-gradcam -c CONFIG --runs RUN_A RUN_B --split train --target label ...
+
+A run is a folder written by ``reidkit train`` (``config.yaml`` + ``checkpoints/``;
+``--checkpoint best`` by default, ``last`` when there is no ``best.pt``). Each model is
+explained at ``--layer`` (default: its last stage, the map its head pools; for the
+Residual Attention Network the stage's final BN-ReLU) for ``--target``: ``pred`` (each
+model's own predicted identity, the default), ``label`` (the image's training identity;
+``--split train`` only) or ``K`` (class K of the classifiers; the runs must have been
+trained on the same set, so K is the same identity for all). The grid has one row per
+image (file name and the class each model explains) and one column per run (``--labels``,
+default each run's backbone name). Also printed (and saved with ``--json``): the mean
+top-k IoU of the runs' maps (``--overlap-k``, default 20 % of the cells) when they have
+the same size.
+
+Images come from ``--images`` (files, resized and normalised as each run's test images)
+or from the dataset of ``-c CONFIG`` (default: the first run's config): ``--split
+query|gallery|train --num N`` (N images spread evenly over the split). ``key=value``
+overrides apply to every run's config (and to ``-c``), e.g. ``data.root=/data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from reidkit.commands import _common
+
+__all__ = ["add_parser", "run"]
+
+
+def _read_images(data_cfg, paths: list[str]):
+    import torch
+    from PIL import Image
+
+    from reidkit.data.transforms import build_test_transforms
+
+    tf = build_test_transforms(data_cfg)
+    out = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise FileNotFoundError(f"--images: file not found: {path}")
+        try:
+            with Image.open(path) as img:
+                out.append(tf(img.convert("RGB")).float())
+        except OSError as exc:
+            raise ValueError(f"--images: {path}: not a readable image ({exc})") from None
+    return torch.stack(out)
+
+
+def _pick_records(cfg, split: str, num: int) -> list:
+    import numpy as np
+
+    from reidkit.data.datasets import dataset_from_config
+
+    if num < 1:
+        raise ValueError(f"--num must be >= 1, got {num}")
+    records = getattr(dataset_from_config(cfg.data), split)
+    if not records:
+        raise ValueError(f"--split {split}: the dataset's {split} split is empty")
+    idx = np.unique(np.linspace(0, len(records) - 1, min(num, len(records))).round().astype(int))
+    return [records[i] for i in idx]
+
+
+def _topk(text: str) -> float | int:
+    """``--overlap-k``: a fraction of the cells (``0.2``) or a count (``3``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction or a count, got {text!r}") from None
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+def _target_classes(args: argparse.Namespace, records: list):
+    """``None`` (predicted), an int, or a ``(B,)`` tensor of training labels."""
+    import torch
+
+    if args.target == "pred":
+        return None
+    if args.target == "label":
+        if args.split != "train":
+            raise ValueError(
+                "--target label needs --split train (query and gallery identities are not "
+                "classes of the classifier); use --target pred"
+            )
+        return torch.tensor([r.pid for r in records], dtype=torch.long)
+    try:
+        k = int(args.target)
+    except ValueError:
+        raise ValueError(
+            f"--target must be pred, label or a class index, got {args.target!r}"
+        ) from None
+    if k < 0:
+        raise ValueError(f"--target class index must be >= 0, got {k}")
+    return k
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from reidkit.config import load_config
+    from reidkit.engine.distributed import resolve_device
+    from reidkit.viz.compare_cam import (
+        compare_grad_cam,
+        comparison_rows,
+        enlarge_images,
+        last_stage_layer,
+        load_run,
+    )
+    from reidkit.viz.grad_cam import map_overlap_matrix
+    from reidkit.viz.grid import save_image_grid, to_uint8_images
+
+    if len(args.runs) < 1:
+        raise ValueError("--runs: give at least one run folder")
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        raise ValueError(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
+    if args.layer is not None and len(args.layer) not in (1, len(args.runs)):
+        raise ValueError(f"--layer: give one layer or one per run ({len(args.runs)})")
+    if bool(args.images) == bool(args.split):
+        raise ValueError("give either --images FILE... or --split query|gallery|train")
+    if args.max_rows < 1 or args.batch_size < 1:
+        raise ValueError("--max-rows and --batch-size must be >= 1")
+    first_cfg = None
+    if args.config is None:
+        cfg_path = Path(args.runs[0]) / "config.yaml"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"--runs {args.runs[0]}: no config.yaml (not a run folder)")
+    else:
+        cfg_path = Path(args.config)
+    first_cfg = load_config(cfg_path, list(args.overrides))
+    device = resolve_device(args.device or "cpu")
+    loaded = [load_run(r, args.checkpoint, args.overrides, device) for r in args.runs]
+    labels = args.labels or [lr.cfg.model.backbone for lr in loaded]
+    layers = (args.layer * len(loaded)) if args.layer and len(args.layer) == 1 else args.layer
+    layers = layers or [last_stage_layer(lr.model) for lr in loaded]
+
+    if args.images:
+        paths, records = list(args.images), []
+    else:
+        records = _pick_records(first_cfg, args.split, args.num)
+        paths = [r.path for r in records]
+    names = [Path(p).name for p in paths]
+    classes = _target_classes(args, records)
+    # each run sees the images as it was trained (its own size and normalisation)
+    cache: dict[tuple, torch.Tensor] = {}
+    batches = []
+    for lr in loaded:
+        d = lr.cfg.data
+        key = (d.height, d.width, tuple(d.mean), tuple(d.std))
+        if key not in cache:
+            cache[key] = _read_images(d, paths)
+        batches.append(cache[key])
+
+    maps = [[] for _ in loaded]
+    explained = [[] for _ in loaded]
+    for s in range(0, len(paths), args.batch_size):
+        sl = slice(s, min(s + args.batch_size, len(paths)))
+        cls = classes[sl] if isinstance(classes, torch.Tensor) else classes
+        cams, used = compare_grad_cam(
+            [lr.model for lr in loaded],
+            [b[sl].to(device) for b in batches],
+            layers,
+            cls.to(device) if isinstance(cls, torch.Tensor) else cls,
+        )
+        for i, (cam, c) in enumerate(zip(cams, used)):
+            maps[i].append(cam.maps.cpu())
+            explained[i].append(c)
+    maps = [torch.cat(m) for m in maps]
+    explained = [torch.cat(c) for c in explained]
+
+    shown = slice(0, min(args.max_rows, len(paths)))
+    shown_cfg = first_cfg.data
+    pixels = to_uint8_images(
+        _read_images(shown_cfg, paths[shown.start : shown.stop]), shown_cfg.mean, shown_cfg.std
+    )
+    pixels = enlarge_images(pixels, args.min_width)
+    rows = comparison_rows(pixels, [m[shown] for m in maps])
+    row_labels = [
+        f"{Path(names[b]).stem}\nclass " + " / ".join(str(int(c[b])) for c in explained)
+        for b in range(len(pixels))
+    ]
+    out = save_image_grid(rows, args.out, row_labels=row_labels, col_labels=["image", *labels])
+    print(f"Grad-CAM ({args.target} class logit) of {len(loaded)} runs on {len(paths)} images:")
+    for label, layer, m in zip(labels, layers, maps):
+        print(f"  {label}: {layer} ({m.shape[-2]}x{m.shape[-1]} map)")
+    print(f"wrote {out}")
+    report = {
+        "runs": [str(lr.folder) for lr in loaded],
+        "weights": [str(lr.weights) for lr in loaded],
+        "labels": labels,
+        "layers": layers,
+        "target": args.target,
+        "images": names,
+        "classes": {lab: c.tolist() for lab, c in zip(labels, explained)},
+        "map_size": {lab: list(m.shape[-2:]) for lab, m in zip(labels, maps)},
+    }
+    if len(loaded) > 1 and len({tuple(m.shape) for m in maps}) == 1:
+        mat = map_overlap_matrix(torch.stack(maps), k=args.overlap_k)
+        width = max(len(s) for s in labels)
+        print(f"mean top-{args.overlap_k:g} IoU of the maps over {len(paths)} images:")
+        print(" " * width + "  " + "  ".join(f"{s:>{width}}" for s in labels))
+        for s, row in zip(labels, mat.tolist()):
+            print(f"{s:>{width}}  " + "  ".join(f"{v:>{width}.3f}" for v in row))
+        report["overlap_k"] = args.overlap_k
+        report["overlap"] = mat.tolist()
+    elif len(loaded) > 1:
+        print("(maps of different sizes: no overlap matrix; pass --layer to compare)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = _common.add_command_parser(
+        sub,
+        "compare-gradcam",
+        help="Grad-CAM of several trained runs side by side (SCR supplementary Fig. 3)",
+        doc=__doc__,
+    )
+    p.add_argument("--runs", nargs="+", required=True, metavar="RUN", help="run folders")
+    p.add_argument("-c", "--config", default=None, help="config of the images (default: 1st run)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every config")
+    p.add_argument("--labels", nargs="+", default=None, help="column labels, one per run")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument(
+        "--layer", nargs="+", default=None, help="dotted layer name: one, or one per run"
+    )
+    p.add_argument(
+        "--target", default="pred", help="pred (default), label (--split train) or class K"
+    )
+    p.add_argument("--images", nargs="+", metavar="FILE", help="image files")
+    p.add_argument(
+        "--split", choices=["query", "gallery", "train"], help="take images from the dataset"
+    )
+    p.add_argument("--num", type=int, default=6, help="images taken from --split (default 6)")
+    p.add_argument("--out", required=True, help="output picture (.png, .jpg, .webp)")
+    p.add_argument("--json", default=None, help="also write classes, layers and overlaps here")
+    p.add_argument("--max-rows", type=int, default=16, help="rows drawn (default 16)")
+    p.add_argument("--min-width", type=int, default=96, help="enlarge images to this width")
+    p.add_argument("--batch-size", type=int, default=32, help="images per Grad-CAM pass")
+    p.add_argument(
+        "--overlap-k",
+        type=_topk,
+        default=0.2,
+        help="top-k cells for the overlap: a fraction (default 0.2) or a count",
+    )
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1")
+    _common.add_debug_argument(p)
+    p.set_defaults(func=run)
