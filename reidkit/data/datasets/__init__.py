@@ -15,13 +15,12 @@ Dataset-specific options: see :func:`available_datasets` / each ``load_*`` funct
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from reidkit.data.datasets.base import DatasetError, LoadOptions, ParsedDataset
+from reidkit.data.datasets.base import DatasetError, LoaderRegistry, LoadOptions, ParsedDataset
 from reidkit.data.datasets.cuhk03 import convert_cuhk03_mat, load_cuhk03
 from reidkit.data.datasets.custom import load_custom
 from reidkit.data.datasets.market import (
@@ -74,50 +73,31 @@ _ALIASES: dict[str, str] = {
 _COMMON = {f.name for f in fields(LoadOptions)}
 
 
+def _video_redirect(key: str) -> str | None:
+    from reidkit.data.datasets.video import is_video_dataset
+
+    if is_video_dataset(key):
+        return (
+            f"{key!r} is a video (tracklet) dataset: read it with "
+            "reidkit.data.datasets.video.build_video_dataset (docs/video.md)"
+        )
+    return None
+
+
+_LOADERS = LoaderRegistry("dataset", _REGISTRY, _ALIASES, redirect=_video_redirect)
+_specific_options = LoaderRegistry.specific_options
+_resolve = _LOADERS.resolve
+
+
 def register_dataset(name: str, loader: Loader | None = None) -> Any:
     """Register ``loader(root, opts: LoadOptions, **options) -> ReIDDataset`` under
     ``name``; usable as a decorator (``@register_dataset("mine")``)."""
-
-    def _register(fn: Loader) -> Loader:
-        key = name.lower()
-        if key in _REGISTRY or key in _ALIASES:
-            raise ValueError(f"dataset name {name!r} is already registered")
-        _REGISTRY[key] = fn
-        return fn
-
-    return _register(loader) if loader is not None else _register
+    return _LOADERS.register(name, loader)
 
 
 def available_datasets() -> dict[str, list[str]]:
     """Registered names mapped to the dataset-specific options they accept."""
-    return {name: _specific_options(fn) for name, fn in sorted(_REGISTRY.items())}
-
-
-def _specific_options(fn: Loader) -> list[str]:
-    params = list(inspect.signature(fn).parameters.values())[2:]  # skip root, opts
-    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-
-
-def _resolve(name: str) -> tuple[str, Loader]:
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in _REGISTRY:
-        import difflib
-
-        from reidkit.data.datasets.video import is_video_dataset
-
-        if is_video_dataset(key):
-            raise DatasetError(
-                f"{name!r} is a video (tracklet) dataset: read it with "
-                "reidkit.data.datasets.video.build_video_dataset (docs/video.md)"
-            )
-
-        close = difflib.get_close_matches(key, [*_REGISTRY, *_ALIASES], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise DatasetError(
-            f"unknown dataset {name!r}{hint} (available: {', '.join(sorted(_REGISTRY))})"
-        )
-    return key, _REGISTRY[key]
+    return _LOADERS.available()
 
 
 def build_dataset(name: str, root: str | os.PathLike, **options: Any) -> ReIDDataset:

@@ -4,18 +4,21 @@ image checks, train relabelling and protocol sanity checks."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from reidkit.data.images import BadImage, find_bad_images, is_image_file
 from reidkit.data.records import ImageRecord, ReIDDataset
 
 __all__ = [
+    "LoaderRegistry",
     "DatasetError",
     "LoadOptions",
     "ParsedDataset",
@@ -77,6 +80,80 @@ class ParsedDataset(ReIDDataset):
     skipped: list[BadImage] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     dataset_dir: str = ""
+
+
+# ----------------------------------------------------------------------- registry
+
+
+class LoaderRegistry:
+    """Dataset loaders by name, with aliases: the image and the video registries.
+
+    A loader is ``fn(root, opts: LoadOptions, **options)``; its keyword parameters after
+    ``opts`` are the dataset-specific options it accepts.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        loaders: dict[str, Callable[..., Any]],
+        aliases: dict[str, str],
+        redirect: Callable[[str], str | None] | None = None,
+    ) -> None:
+        """``kind`` names the datasets in messages ("dataset", "video dataset");
+        ``redirect(key)`` may return a better message for an unknown name (e.g. "that is a
+        video dataset")."""
+        self.kind = kind
+        self.loaders = loaders
+        self.aliases = aliases
+        self.redirect = redirect
+
+    def register(self, name: str, loader: Callable[..., Any] | None = None) -> Any:
+        """Register ``loader`` under ``name``; usable as a decorator."""
+
+        def _register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            key = name.lower()
+            if key in self.loaders or key in self.aliases:
+                raise ValueError(f"{self.kind} name {name!r} is already registered")
+            self.loaders[key] = fn
+            return fn
+
+        return _register(loader) if loader is not None else _register
+
+    def __contains__(self, name: str) -> bool:
+        key = name.strip().lower()
+        return self.aliases.get(key, key) in self.loaders
+
+    @staticmethod
+    def specific_options(fn: Callable[..., Any]) -> list[str]:
+        """The dataset-specific keyword options of a loader (after ``root, opts``)."""
+        params = list(inspect.signature(fn).parameters.values())[2:]
+        return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    def available(self) -> dict[str, list[str]]:
+        """Registered names mapped to the dataset-specific options they accept."""
+        return {name: self.specific_options(fn) for name, fn in sorted(self.loaders.items())}
+
+    def resolve(self, name: str) -> tuple[str, Callable[..., Any]]:
+        """``(registry key, loader)`` of a name or alias (any case).
+
+        Raises:
+            DatasetError: an unknown name, with the closest known one and the list.
+        """
+        key = name.strip().lower()
+        key = self.aliases.get(key, key)
+        if key not in self.loaders:
+            import difflib
+
+            better = self.redirect(key) if self.redirect is not None else None
+            if better:
+                raise DatasetError(better)
+            close = difflib.get_close_matches(key, [*self.loaders, *self.aliases], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise DatasetError(
+                f"unknown {self.kind} {name!r}{hint} "
+                f"(available: {', '.join(sorted(self.loaders))})"
+            )
+        return key, self.loaders[key]
 
 
 # ----------------------------------------------------------------------- discovery

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from reidkit.data.keypoints import COCO_KEYPOINT_NAMES
+
 from .camera import Camera, apply_camera
 from .identity import HAIR_COLOURS, PALETTE, SKIN_TONES, _choice, sample_identity
 
@@ -34,25 +36,6 @@ __all__ = [
     "keypoint_rows",
 ]
 
-COCO_KEYPOINT_NAMES = (
-    "nose",
-    "left_eye",
-    "right_eye",
-    "left_ear",
-    "right_ear",
-    "left_shoulder",
-    "right_shoulder",
-    "left_elbow",
-    "right_elbow",
-    "left_wrist",
-    "right_wrist",
-    "left_hip",
-    "right_hip",
-    "left_knee",
-    "right_knee",
-    "left_ankle",
-    "right_ankle",
-)
 
 
 @dataclass

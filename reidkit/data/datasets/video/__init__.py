@@ -15,13 +15,12 @@ left without frames and empty tracklets instead of raising), ``num_workers``, an
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from reidkit.data.datasets.base import DatasetError, LoadOptions
+from reidkit.data.datasets.base import DatasetError, LoaderRegistry, LoadOptions
 from reidkit.data.datasets.video.base import (
     ParsedVideoDataset,
     SkippedTracklet,
@@ -75,48 +74,25 @@ MULTI_SPLIT = {"ilidsvid": 10, "prid2011": 10}
 _COMMON = {f.name for f in fields(LoadOptions)}
 
 
+_LOADERS = LoaderRegistry("video dataset", _REGISTRY, _ALIASES)
+_specific_options = LoaderRegistry.specific_options
+_resolve = _LOADERS.resolve
+
+
 def register_video_dataset(name: str, loader: VideoLoader | None = None) -> Any:
     """Register ``loader(root, opts: LoadOptions, **options) -> ParsedVideoDataset`` under
     ``name``; usable as a decorator."""
-
-    def _register(fn: VideoLoader) -> VideoLoader:
-        key = name.lower()
-        if key in _REGISTRY or key in _ALIASES:
-            raise ValueError(f"video dataset name {name!r} is already registered")
-        _REGISTRY[key] = fn
-        return fn
-
-    return _register(loader) if loader is not None else _register
-
-
-def _specific_options(fn: VideoLoader) -> list[str]:
-    params = list(inspect.signature(fn).parameters.values())[2:]
-    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return _LOADERS.register(name, loader)
 
 
 def available_video_datasets() -> dict[str, list[str]]:
     """Registered names mapped to the dataset-specific options they accept."""
-    return {name: _specific_options(fn) for name, fn in sorted(_REGISTRY.items())}
-
-
-def _resolve(name: str) -> tuple[str, VideoLoader]:
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in _REGISTRY:
-        import difflib
-
-        close = difflib.get_close_matches(key, [*_REGISTRY, *_ALIASES], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise DatasetError(
-            f"unknown video dataset {name!r}{hint} (available: {', '.join(sorted(_REGISTRY))})"
-        )
-    return key, _REGISTRY[key]
+    return _LOADERS.available()
 
 
 def is_video_dataset(name: str) -> bool:
     """True when ``name`` (or an alias) is a registered video dataset."""
-    key = name.strip().lower()
-    return _ALIASES.get(key, key) in _REGISTRY
+    return name in _LOADERS
 
 
 def num_splits(name: str) -> int:
