@@ -150,8 +150,7 @@ class LoaderRegistry:
             close = difflib.get_close_matches(key, [*self.loaders, *self.aliases], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise DatasetError(
-                f"unknown {self.kind} {name!r}{hint} "
-                f"(available: {', '.join(sorted(self.loaders))})"
+                f"unknown {self.kind} {name!r}{hint} (available: {', '.join(sorted(self.loaders))})"
             )
         return key, self.loaders[key]
 

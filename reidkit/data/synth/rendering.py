@@ -37,7 +37,6 @@ __all__ = [
 ]
 
 
-
 @dataclass
 class _Shape:
     depth: float
