@@ -183,10 +183,10 @@ def test_command_writes_grid_and_report(runs, tmp_path, capsys) -> None:
     query = sorted((root / "Market-1501-v15.09.15" / "query").glob("*.jpg"))
     assert len(data["images"]) == 3 and set(data["images"]) <= {p.name for p in query}
     lr = load_run(folders[2])
-    from reidkit.commands.compare_gradcam import _read_images
+    from reidkit.commands._common import read_images
 
     paths = [root / "Market-1501-v15.09.15" / "query" / n for n in data["images"]]
-    images = _read_images(lr.cfg.data, [str(p) for p in paths])
+    images = read_images(lr.cfg.data, [str(p) for p in paths])
     assert data["classes"]["resattnet56"] == predicted_classes(lr.model, images).tolist()
     # 3 rows x (image + 3 runs); images enlarged 2x to 128x64
     with Image.open(out) as img:

@@ -172,3 +172,44 @@ def note_skipped_images(dataset) -> None:
             f"data.skip_corrupt: {len(skipped)} unreadable image(s) left out of "
             f"{dataset.name} (first: {skipped[0].path}: {skipped[0].reason})"
         )
+
+
+def read_images(data_cfg, paths: Iterable[str]):
+    """Image files as the test loader gives them: ``(N, 3, H, W)`` float, normalised.
+
+    Raises:
+        FileNotFoundError / ValueError: a missing or unreadable file, named (``--images``).
+    """
+    import torch
+    from PIL import Image
+
+    from reidkit.data.transforms import build_test_transforms
+
+    tf = build_test_transforms(data_cfg)
+    out = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise FileNotFoundError(f"--images: file not found: {path}")
+        try:
+            with Image.open(path) as img:
+                out.append(tf(img.convert("RGB")).float())
+        except OSError as exc:
+            raise ValueError(f"--images: {path}: not a readable image ({exc})") from None
+    return torch.stack(out)
+
+
+def spread_records(data_cfg, split: str, num: int) -> tuple[list, object]:
+    """``num`` records spread evenly over a split (``--split``/``--num``), and the dataset."""
+    import numpy as np
+
+    from reidkit.data.datasets import dataset_from_config
+
+    if num < 1:
+        raise ValueError(f"--num must be >= 1, got {num}")
+    dataset = dataset_from_config(data_cfg)
+    records = getattr(dataset, split)
+    if not records:
+        raise ValueError(f"--split {split}: the dataset's {split} split is empty")
+    idx = np.unique(np.linspace(0, len(records) - 1, min(num, len(records))).round().astype(int))
+    return [records[i] for i in idx], dataset

@@ -37,40 +37,6 @@ from reidkit.commands import _common
 __all__ = ["add_parser", "run"]
 
 
-def _read_images(data_cfg, paths: list[str]):
-    import torch
-    from PIL import Image
-
-    from reidkit.data.transforms import build_test_transforms
-
-    tf = build_test_transforms(data_cfg)
-    out = []
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise FileNotFoundError(f"--images: file not found: {path}")
-        try:
-            with Image.open(path) as img:
-                out.append(tf(img.convert("RGB")).float())
-        except OSError as exc:
-            raise ValueError(f"--images: {path}: not a readable image ({exc})") from None
-    return torch.stack(out)
-
-
-def _pick_records(cfg, split: str, num: int) -> list:
-    import numpy as np
-
-    from reidkit.data.datasets import dataset_from_config
-
-    if num < 1:
-        raise ValueError(f"--num must be >= 1, got {num}")
-    records = getattr(dataset_from_config(cfg.data), split)
-    if not records:
-        raise ValueError(f"--split {split}: the dataset's {split} split is empty")
-    idx = np.unique(np.linspace(0, len(records) - 1, min(num, len(records))).round().astype(int))
-    return [records[i] for i in idx]
-
-
 def _topk(text: str) -> float | int:
     """``--overlap-k``: a fraction of the cells (``0.2``) or a count (``3``)."""
     try:
@@ -146,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if args.images:
         paths, records = list(args.images), []
     else:
-        records = _pick_records(first_cfg, args.split, args.num)
+        records, _ = _common.spread_records(first_cfg.data, args.split, args.num)
         paths = [r.path for r in records]
     names = [Path(p).name for p in paths]
     classes = _target_classes(args, records)
@@ -157,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         d = lr.cfg.data
         key = (d.height, d.width, tuple(d.mean), tuple(d.std))
         if key not in cache:
-            cache[key] = _read_images(d, paths)
+            cache[key] = _common.read_images(d, paths)
         batches.append(cache[key])
 
     maps = [[] for _ in loaded]
@@ -180,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
     shown = slice(0, min(args.max_rows, len(paths)))
     shown_cfg = first_cfg.data
     pixels = to_uint8_images(
-        _read_images(shown_cfg, paths[shown.start : shown.stop]), shown_cfg.mean, shown_cfg.std
+        _common.read_images(shown_cfg, paths[shown.start : shown.stop]),
+        shown_cfg.mean,
+        shown_cfg.std,
     )
     pixels = enlarge_images(pixels, args.min_width)
     rows = comparison_rows(pixels, [m[shown] for m in maps])

@@ -51,50 +51,15 @@ def _load_model(args: argparse.Namespace):
     return cfg, model.eval(), device
 
 
-def _read_images(cfg, paths: list[str]):
-    import torch
-    from PIL import Image
-
-    from reidkit.data.transforms import build_test_transforms
-
-    tf = build_test_transforms(cfg.data)
-    out = []
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise FileNotFoundError(f"--images: file not found: {path}")
-        try:
-            with Image.open(path) as img:
-                out.append(tf(img.convert("RGB")).float())
-        except OSError as exc:
-            raise ValueError(f"--images: {path}: not a readable image ({exc})") from None
-    return torch.stack(out)
-
-
-def _split_records(cfg, split: str, num: int) -> list:
-    import numpy as np
-
-    from reidkit.data.datasets import dataset_from_config
-
-    if num < 1:
-        raise ValueError(f"--num must be >= 1, got {num}")
-    dataset = dataset_from_config(cfg.data)
-    records = getattr(dataset, split)
-    if not records:
-        raise ValueError(f"--split {split}: the dataset's {split} split is empty")
-    idx = np.unique(np.linspace(0, len(records) - 1, min(num, len(records))).round().astype(int))
-    return [records[i] for i in idx], dataset
-
-
 def _inputs(args: argparse.Namespace, cfg) -> tuple[object, list[str], list]:
     """``(images (B, 3, H, W), names, records or [])`` from ``--images`` or ``--split``."""
     if bool(args.images) == bool(args.split):
         raise ValueError("give either --images FILE... or --split query|gallery|train")
     if args.images:
-        return _read_images(cfg, args.images), [Path(p).name for p in args.images], []
-    records, _ = _split_records(cfg, args.split, args.num)
+        return _common.read_images(cfg.data, args.images), [Path(p).name for p in args.images], []
+    records, _ = _common.spread_records(cfg.data, args.split, args.num)
     paths = [r.path for r in records]
-    return _read_images(cfg, paths), [Path(p).name for p in paths], records
+    return _common.read_images(cfg.data, paths), [Path(p).name for p in paths], records
 
 
 def _chunks(n: int, size: int):
@@ -185,7 +150,7 @@ def _pair(args, cfg, model, device, images, names, records) -> int:
             raise ValueError(
                 f"--target pair: {len(images)} --images but {len(args.gallery)} --gallery images"
             )
-        gallery = _read_images(cfg, args.gallery)
+        gallery = _common.read_images(cfg.data, args.gallery)
         g_names = [Path(p).name for p in args.gallery]
     elif records and args.split == "query":
         from reidkit.data.datasets import dataset_from_config
@@ -197,7 +162,7 @@ def _pair(args, cfg, model, device, images, names, records) -> int:
             if not match:
                 raise ValueError(f"query {Path(r.path).name}: no same-identity gallery image")
             chosen.append(match[0].path)
-        gallery = _read_images(cfg, chosen)
+        gallery = _common.read_images(cfg.data, chosen)
         g_names = [Path(p).name for p in chosen]
     else:
         raise ValueError(
