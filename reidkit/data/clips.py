@@ -49,8 +49,8 @@ from .loader import (
     ReIDDataLoader,
     SeededSampler,
     _data_cfg_and_seed,
+    loader_kwargs,
     sample_seed,
-    worker_init_fn,
 )
 from .records import TrackletRecord
 from .samplers import PKSampler, ShuffleSampler
@@ -680,20 +680,6 @@ def _clip_dataset_and_collate(
     return dataset, ClipCollate(dataset.normalize, dataset.erasing)
 
 
-def _clip_loader_kwargs(num_workers: int, seed: int, collate: Any) -> dict[str, Any]:
-    kw: dict[str, Any] = {
-        "num_workers": num_workers,
-        "collate_fn": collate,
-        "pin_memory": torch.cuda.is_available(),
-        "worker_init_fn": worker_init_fn,
-        "generator": torch.Generator().manual_seed(seed),
-    }
-    if num_workers > 0:
-        kw["persistent_workers"] = True
-        kw["prefetch_factor"] = 2
-    return kw
-
-
 def build_clip_train_loader(
     cfg: Any,
     records: Sequence[TrackletRecord],
@@ -758,7 +744,7 @@ def build_clip_train_loader(
         batch_size=data.batch_size // world_size,
         sampler=SeededSampler(base, seed),
         drop_last=True,
-        **_clip_loader_kwargs(data.num_workers, seed, collate),
+        **loader_kwargs(data.num_workers, seed, collate, prefetch_factor=2),
     )
 
 
@@ -802,5 +788,5 @@ def build_clip_test_loader(
         batch_size=max(1, data.test_batch_size // t),
         sampler=SequentialSampler(dataset),
         drop_last=False,
-        **_clip_loader_kwargs(data.num_workers, seed, collate),
+        **loader_kwargs(data.num_workers, seed, collate, prefetch_factor=2),
     )

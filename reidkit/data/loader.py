@@ -463,17 +463,21 @@ def _data_cfg_and_seed(cfg: Any) -> tuple[Any, int]:
     return data, int(getattr(cfg, "seed", 0))
 
 
-def _loader_kwargs(num_workers: int, seed: int, device_transforms: bool) -> dict[str, Any]:
+def loader_kwargs(
+    num_workers: int, seed: int, collate: Any, prefetch_factor: int = 4
+) -> dict[str, Any]:
+    """DataLoader keywords shared by the image and clip loaders: seeded workers and
+    shuffling, pinned memory on CUDA, persistent workers."""
     kw: dict[str, Any] = {
         "num_workers": num_workers,
-        "collate_fn": collate_device_batch if device_transforms else collate_reid,
+        "collate_fn": collate,
         "pin_memory": torch.cuda.is_available(),
         "worker_init_fn": worker_init_fn,
         "generator": torch.Generator().manual_seed(seed),
     }
     if num_workers > 0:
         kw["persistent_workers"] = True
-        kw["prefetch_factor"] = 4
+        kw["prefetch_factor"] = prefetch_factor
     return kw
 
 
@@ -555,7 +559,11 @@ def build_train_loader(
         batch_size=data.batch_size // world_size,
         sampler=sampler,
         drop_last=True,
-        **_loader_kwargs(data.num_workers, seed, device_transforms),
+        **loader_kwargs(
+            data.num_workers,
+            seed,
+            collate_device_batch if device_transforms else collate_reid,
+        ),
     )
 
 
@@ -597,5 +605,9 @@ def build_test_loader(
         batch_size=data.test_batch_size,
         sampler=SequentialSampler(dataset),
         drop_last=False,
-        **_loader_kwargs(data.num_workers, seed, device_transforms),
+        **loader_kwargs(
+            data.num_workers,
+            seed,
+            collate_device_batch if device_transforms else collate_reid,
+        ),
     )
