@@ -22,7 +22,23 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "BackboneTail", "split_backbone", "parse_block_position"]
+__all__ = ["Backbone", "BackboneTail", "init_conv_bn_", "split_backbone", "parse_block_position"]
+
+
+def init_conv_bn_(module: nn.Module, skip_prefixes: tuple[str, ...] = ()) -> None:
+    """The torchvision / timm ResNet init of every sub-module: He normal (fan-out) convs
+    with zero bias, norm layers (BN, affine IN) at weight 1 and bias 0. Sub-modules whose
+    name starts with one of ``skip_prefixes`` keep their own init (e.g. non-local blocks)."""
+    for name, m in module.named_modules():
+        if skip_prefixes and name.startswith(skip_prefixes):
+            continue
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d | nn.InstanceNorm2d) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class Backbone(nn.Module):

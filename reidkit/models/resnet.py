@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from reidkit.models.backbone import Backbone
+from reidkit.models.backbone import Backbone, init_conv_bn_
 from reidkit.models.ibn import IBN
 from reidkit.models.non_local import NonLocalBlock
 
@@ -195,14 +195,7 @@ class ResNet(Backbone):
         return nn.Sequential(*mods)
 
     def _init_weights(self) -> None:
-        for name, m in self.named_modules():
-            if name.startswith("nl_"):
-                continue  # non-local blocks keep their own (identity) init
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d | nn.InstanceNorm2d) and m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self, skip_prefixes=("nl_",))  # non-local blocks keep their identity init
 
     @property
     def non_local_layers(self) -> dict[str, list[int]]:

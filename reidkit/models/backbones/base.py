@@ -26,6 +26,6 @@ layers the published network does not have, so their absence from a file is expe
 
 from __future__ import annotations
 
-from reidkit.models.backbone import Backbone
+from reidkit.models.backbone import Backbone, init_conv_bn_
 
-__all__ = ["Backbone"]
+__all__ = ["Backbone", "init_conv_bn_"]

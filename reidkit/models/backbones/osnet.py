@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reidkit.models.backbones.base import Backbone
+from reidkit.models.backbones.base import Backbone, init_conv_bn_
 
 __all__ = ["OSNet", "OSBlock", "ChannelGate", "OSNET_CHANNELS"]
 
@@ -225,14 +225,7 @@ class OSNet(Backbone):
         )
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d | nn.InstanceNorm2d) and m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """conv1 -> max-pool: ``(B, 3, H, W) -> (B, c0, H/4, W/4)``."""

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reidkit.models.backbones.base import Backbone
+from reidkit.models.backbones.base import Backbone, init_conv_bn_
 
 __all__ = ["ResidualAttentionNet", "AttentionModule", "PreActBottleneck", "RESATTNET_MODULES"]
 
@@ -217,12 +217,7 @@ class ResidualAttentionNet(Backbone):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """conv1 -> bn1 -> relu -> Caffe max-pool: ``(B, 3, H, W) -> (B, 64, H/4, W/4)``."""

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reidkit.models.backbones.base import Backbone
+from reidkit.models.backbones.base import Backbone, init_conv_bn_
 
 __all__ = ["ResNeSt", "ResNeStBottleneck", "SplitAttention", "RESNEST_CONFIGS"]
 
@@ -242,14 +242,7 @@ class ResNeSt(Backbone):
         return nn.Sequential(*mods)
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """Deep stem + max-pool: ``(B, 3, H, W) -> (B, 2 * stem_width, H/4, W/4)``."""

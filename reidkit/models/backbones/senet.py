@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from reidkit.models.backbones.base import Backbone
+from reidkit.models.backbones.base import Backbone, init_conv_bn_
 
 __all__ = [
     "SEModule",
@@ -195,14 +195,7 @@ class SENet(Backbone):
         return nn.Sequential(*mods)
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self)
 
     def set_caffe_style(self, flag: bool) -> None:
         """Switch between timm's network and the ``pretrainedmodels`` (Caffe-style) one.
