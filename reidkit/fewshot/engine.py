@@ -52,6 +52,7 @@ from reidkit.engine.checkpoint import (
     set_rng_state,
 )
 from reidkit.engine.distributed import resolve_device
+from reidkit.engine.hooks import link_or_copy
 from reidkit.engine.log import RunLogger, format_duration
 from reidkit.fewshot.config import FewShotConfig, dump_fewshot_config, lr_at_epoch
 from reidkit.fewshot.datasets import FewShotSplit, load_fewshot_dataset
@@ -353,16 +354,6 @@ def _clear_run(out_dir: Path) -> None:
         shutil.rmtree(out_dir / "checkpoints")
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 def train_fewshot(
     cfg: FewShotConfig,
     resume: bool = False,
@@ -582,7 +573,7 @@ def train_fewshot(
             last_path,
         )
         if improved:
-            _copy_atomic(last_path, ckpt_dir / "best.pt")
+            link_or_copy(last_path, ckpt_dir / "best.pt")
         if stop_after_epochs is not None and done_this_call >= stop_after_epochs and not last_epoch:
             logger.print(f"stopped after epoch {epoch + 1}/{total_epochs}; continue with --resume")
             return None
