@@ -213,3 +213,20 @@ def spread_records(data_cfg, split: str, num: int) -> tuple[list, object]:
         raise ValueError(f"--split {split}: the dataset's {split} split is empty")
     idx = np.unique(np.linspace(0, len(records) - 1, min(num, len(records))).round().astype(int))
     return [records[i] for i in idx], dataset
+
+
+def add_run_control_arguments(
+    p: argparse.ArgumentParser, resume_help: str, overwrite_help: str
+) -> None:
+    """``--resume``, ``--overwrite``, ``--stop-after N`` and ``--no-progress`` of the
+    training commands."""
+    p.add_argument("--resume", action="store_true", help=resume_help)
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N epochs of this call (continue later with --resume)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -147,10 +147,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         config_help="few-shot YAML config (configs/fewshot/*.yaml)",
         overrides_help="config overrides, e.g. episode.shot=5 model.name=proto",
     )
-    t.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt")
-    t.add_argument("--overwrite", action="store_true", help="start over in an existing run")
-    t.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N epochs")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _common.add_run_control_arguments(
+        t,
+        resume_help="continue from checkpoints/last.pt",
+        overwrite_help="start over in an existing run",
+    )
     _common.add_debug_argument(t)
     t.set_defaults(func=_train)
 

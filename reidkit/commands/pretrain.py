@@ -121,17 +121,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="E1,E2",
         help="also write the backbone after these epochs (<stem>.e003.safetensors)",
     )
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    p.add_argument(
-        "--overwrite", action="store_true", help="start over (replaces --out and the run)"
+    _common.add_run_control_arguments(
+        p,
+        resume_help="continue the run in --run-dir",
+        overwrite_help="start over (replaces --out and the run)",
     )
-    p.add_argument(
-        "--stop-after",
-        type=int,
-        default=None,
-        metavar="N",
-        help="stop after N epochs of this call (continue later with --resume)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _common.add_debug_argument(p)
     p.set_defaults(func=run)

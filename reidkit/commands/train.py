@@ -117,20 +117,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         config_help="YAML config (may use _base_)",
         overrides_help="config overrides, e.g. solver.lr=1e-4",
     )
-    p.add_argument(
-        "--resume", action="store_true", help="continue from <output_dir>/checkpoints/last.pt"
+    _common.add_run_control_arguments(
+        p,
+        resume_help="continue from <output_dir>/checkpoints/last.pt",
+        overwrite_help="start over in an output_dir that holds a run",
     )
-    p.add_argument(
-        "--overwrite", action="store_true", help="start over in an output_dir that holds a run"
-    )
-    p.add_argument(
-        "--stop-after",
-        type=int,
-        default=None,
-        metavar="N",
-        help="stop after N epochs of this call (continue later with --resume)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--all-splits",
         action="store_true",
