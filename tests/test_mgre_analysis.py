@@ -5,7 +5,6 @@ end on a generated tiny synthetic set."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from chromium_cdp import require_chromium
 
 from reidkit.config import load_config
 from reidkit.methods.mgre import MGRe
@@ -96,13 +96,7 @@ def test_report_without_keypoints_shows_the_predicted_regions_only(tmp_path: Pat
 
 @pytest.mark.chromium
 def test_mgre_report_in_headless_chromium(mgre_report: Path, tmp_path: Path) -> None:
-    exe = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
-    if exe is None and Path("/usr/bin/chromium").exists():
-        exe = "/usr/bin/chromium"
-    if exe is None:
-        if os.environ.get("REIDKIT_REQUIRE_CHROMIUM") == "1":
-            pytest.fail("REIDKIT_REQUIRE_CHROMIUM=1 but no chromium binary was found")
-        pytest.skip("chromium not installed")
+    exe = require_chromium()
     flags = [
         exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -4,7 +4,6 @@ images; a screenshot is kept), and the ``reidkit report`` command end to end."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from chromium_cdp import require_chromium
 
 from reidkit.config import load_config
 from reidkit.methods.cama import CAMA
@@ -150,21 +150,9 @@ def test_report_html_structure(report_path: Path) -> None:
     assert "<td>62.50%</td>" in page and "<td>50.00%</td>" in page
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
-
-
 @pytest.mark.chromium
 def test_report_in_headless_chromium(report_path: Path, tmp_path: Path) -> None:
-    exe = _chromium()
-    if exe is None:
-        if os.environ.get("REIDKIT_REQUIRE_CHROMIUM") == "1":
-            pytest.fail("REIDKIT_REQUIRE_CHROMIUM=1 but no chromium binary was found")
-        pytest.skip("chromium not installed")
+    exe = require_chromium()
     flags = [
         exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
