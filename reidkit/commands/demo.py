@@ -7,7 +7,7 @@ ranking report of the trained model (``<output-dir>/report/report.html``).
 
 Measured on a 2-core CPU (see the README): the run itself takes a few minutes; with
 ``make demo`` on a fresh clone the install adds about a minute. Shorter or longer:
-``reidkit demo solver.max_epochs=6`` (quicker, lower mAP) or ``solver.max_epochs=30``;
+``reidkit demo solver.max_epochs=4`` (quicker, lower mAP) or ``solver.max_epochs=30``;
 any ``key=value`` override of the config applies.
 
 Threads: the loader runs in the main process (``data.num_workers=0``: on 2 cores a loader
@@ -100,7 +100,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--data-root", default="data", help="where data/synth-small lives or is generated"
     )
     p.add_argument("--output-dir", default="runs/demo", help="run folder (overwritten)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: the free cores)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _common.add_debug_argument(p)
     p.set_defaults(func=run)
