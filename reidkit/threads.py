@@ -30,6 +30,7 @@ import functools
 import inspect
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -96,17 +97,27 @@ def _busy_elsewhere(path: Path = Path("/proc/loadavg")) -> int | None:
     return max(0, running - 1)
 
 
-def thread_limit() -> int:
-    """The most intra-op threads library calls use (see the module docstring)."""
+def thread_limit(samples: int = 1, interval: float = 0.1) -> int:
+    """The most intra-op threads library calls use (see the module docstring).
+
+    ``samples > 1``: count the other running tasks that many times, ``interval`` seconds
+    apart, and use the median, for a choice that holds for minutes (``reidkit demo``):
+    one snapshot can catch a short-lived process.
+    """
     if _requested is not None:
         return _requested
     env = _env_threads()
     if env is not None:
         return env
     cores = usable_cores()
-    busy = _busy_elsewhere()
-    if busy is None:
+    counts = []
+    for i in range(max(1, samples)):
+        if i:
+            time.sleep(interval)
+        counts.append(_busy_elsewhere())
+    if any(c is None for c in counts):
         return cores
+    busy = sorted(counts)[len(counts) // 2]
     return max(1, min(cores, (os.cpu_count() or cores) - busy))
 
 

@@ -36,6 +36,7 @@ def test_limit_follows_env_then_cores(monkeypatch):
     monkeypatch.setattr(threads, "usable_cores", lambda: 3)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 3)
     monkeypatch.setattr(threads, "_busy_elsewhere", lambda: 0)  # not the real machine's load
+    monkeypatch.setattr(threads, "_requested", None)  # an earlier CLI test's --threads
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert threads.thread_limit() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
@@ -50,6 +51,7 @@ def test_limit_follows_env_then_cores(monkeypatch):
 
 
 def test_cores_busy_with_other_processes_are_left_alone(monkeypatch, tmp_path):
+    monkeypatch.setattr(threads, "_requested", None)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
@@ -164,3 +166,17 @@ def test_parallel_pieces_give_the_serial_results(monkeypatch):
     with pytest.raises(ValueError, match="bad 3"):
         threads.parallel_map(boom, range(7))
     assert torch.get_num_threads() == 2
+
+
+def test_sampled_limit_takes_the_median_of_the_counts(monkeypatch):
+    """A long run decides from several snapshots: one short-lived process does not pin it
+    to one thread, a sustained one does."""
+    monkeypatch.setattr(threads, "_requested", None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    for seen, expected in (([1, 0, 0, 0, 0], 2), ([1, 1, 1, 0, 1], 1), ([0, None, 0], 2)):
+        counts = iter(seen)
+        monkeypatch.setattr(threads, "_busy_elsewhere", lambda c=counts: next(c, 0))
+        assert threads.thread_limit(samples=len(seen)) == expected

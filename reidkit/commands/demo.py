@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if threads is None and "OMP_NUM_THREADS" not in os.environ:
         # the cores this process may use that other processes leave free right now, less
         # the loader workers (on a busy machine one thread beats two fighting for a core)
-        threads = max(1, thread_limit() - cfg.data.num_workers)
+        threads = max(1, thread_limit(samples=9) - cfg.data.num_workers)
     if threads:
         set_threads(threads)
     print(
