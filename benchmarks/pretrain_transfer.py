@@ -16,14 +16,16 @@ worker), with its wall time and CPU time (the process and its loader worker) rec
   ``r18`` 3-epoch backbone), each measured by its *zero-shot* transfer: target mAP / R1 of
   the pooled backbone feature, no fine-tuning (a fine-tuning per row did not fit the CPU
   budget); the ``r18`` and ``r50`` backbones get the same zero-shot row;
-* ``r50``: ResNet-50 pretrained 3 epochs (epoch 1 exported), fine-tuned from epoch 3,
-  and from scratch (the subset that fits the CPU budget).
+* ``noise``: the ResNet-18 scratch and 3-epoch rows repeated with training seed 1;
+* ``r50``: ResNet-50 pretrained 3 epochs (epoch 1 exported) and, in a second run, 10
+  epochs, each of epochs 1, 3 and 10 fine-tuned on the target; from scratch with the same
+  4 epochs.
 
 Results go to ``OUT/results.json`` (a run already there is not repeated) and the tables
 are printed as markdown. ``--parts`` picks what runs.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/pretrain_transfer.py \\
-        --out runs/gap --parts r18 r50 ablation zero-shot
+        --out runs/gap --parts r18 noise r50 ablation zero-shot
 """
 
 from __future__ import annotations
@@ -149,13 +151,15 @@ class Runner:
         self._save()
         return self.results[key]
 
-    def finetune(self, key: str, backbone: str, weights: str | None, epochs: int) -> dict:
+    def finetune(
+        self, key: str, backbone: str, weights: str | None, epochs: int, seed: int = 0
+    ) -> dict:
         if key in self.results:
             return self.results[key]
         run_dir = self.out / key
         args = ["train", "-c", str(TARGET), f"model.backbone={backbone}", f"output_dir={run_dir}"]
         args += [f"model.pretrained={weights or 'null'}", f"solver.max_epochs={epochs}"]
-        args += [f"solver.milestones=[{epochs - 1}]", "--overwrite"]
+        args += [f"solver.milestones=[{epochs - 1}]", f"seed={seed}", "--overwrite"]
         cost = _cli(args, self.out / f"{key}.log")
         final = json.loads((run_dir / "metrics.json").read_text())["final"]
         times = _epoch_times(run_dir)
@@ -163,6 +167,7 @@ class Runner:
             "backbone": backbone,
             "init": weights,
             "epochs": epochs,
+            "seed": seed,
             **cost,
             "epoch_wall_s": times,
             "cpu_min_per_epoch": round(
@@ -245,9 +250,26 @@ def run_ablation(rn: Runner) -> list[str]:
     return lines
 
 
+def run_noise(rn: Runner) -> list[str]:
+    """Two ResNet-18 target runs repeated with training seed 1 (sampling, augmentation,
+    initialisation of what is not pretrained): how far one seed moves a row."""
+    pre = rn.pretrain("r18-wide", "resnet18", 10, [1, 3], [])  # the r18 part's run
+    lines = ["| ResNet-18, training seed | target mAP | R1 |", "|---|---:|---:|"]
+    for name, weights in (("scratch", None), ("e3", pre["exports"]["3"]["weights"])):
+        for seed in (0, 1):
+            key = f"ft-r18-{name}" + (f"-seed{seed}" if seed else "")
+            ft = rn.finetune(key, "resnet18", weights, FT_EPOCHS, seed=seed)
+            lines.append(f"| {name}, seed {seed} | {_fmt(ft)} |")
+    return lines
+
+
 def run_zero_shot(rn: Runner) -> list[str]:
     lines = ["| zero-shot on the target | target mAP | R1 |", "|---|---:|---:|"]
-    for key, backbone in (("r18-wide", "resnet18"), ("r50-wide", "resnet50")):
+    for key, backbone in (
+        ("r18-wide", "resnet18"),
+        ("r50-wide", "resnet50"),
+        ("r50-wide10", "resnet50"),
+    ):
         pre = rn.results.get(key)
         if pre is None:
             continue
@@ -258,34 +280,50 @@ def run_zero_shot(rn: Runner) -> list[str]:
 
 
 def run_r50(rn: Runner) -> list[str]:
+    # two pretraining runs: the 3-epoch one (epoch 1 exported) came first; the 10-epoch one
+    # repeats its first 3 epochs exactly (constant rate), so it is kept for its last epoch
     pre = rn.pretrain("r50-wide", "resnet50", 3, [1], [])
     sc = rn.finetune("ft-r50-scratch", "resnet50", None, FT_EPOCHS)
-    ex = pre["exports"]["3"]
-    ft = rn.finetune("ft-r50-e3", "resnet50", ex["weights"], FT_EPOCHS)
-    e1 = pre["exports"]["1"]
-    return [
-        "| ResNet-50 | pretraining epochs | source val mAP | target mAP | target R1 | "
-        "fine-tune CPU min/epoch |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| scratch | 0 | - | {_fmt(sc)} | {sc['cpu_min_per_epoch']} |",
-        f"| synthetic | 1 | {100 * e1['validation']['mAP']:.1f} | (not fine-tuned) | - | - |",
-        f"| synthetic | 3 | {100 * ex['validation']['mAP']:.1f} | {_fmt(ft)} | "
-        f"{ft['cpu_min_per_epoch']} |",
-        f"\npretraining cost: {pre['cpu_min_per_epoch']} CPU min/epoch "
-        f"(wall {sum(pre['epoch_wall_s']) / len(pre['epoch_wall_s']):.0f} s/epoch)",
+    rows = [("0", None, sc)]
+    for e in (1, 3):
+        ex = pre["exports"][str(e)]
+        rows.append((str(e), ex, rn.finetune(f"ft-r50-e{e}", "resnet50", ex["weights"], FT_EPOCHS)))
+    long = rn.pretrain("r50-wide10", "resnet50", 10, [], [])
+    ex = long["exports"]["10"]
+    rows.append(("10", ex, rn.finetune("ft-r50-e10", "resnet50", ex["weights"], FT_EPOCHS)))
+    lines = [
+        "| ResNet-50 | pretraining epochs | images seen | source val mAP | target mAP | "
+        "target R1 | fine-tune CPU min/epoch |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    for e, ex, ft in rows:
+        kind, seen = ("scratch", 0) if ex is None else ("synthetic", ex["images_seen"])
+        val = f"{100 * ex['validation']['mAP']:.1f}" if ex is not None else "-"
+        lines.append(f"| {kind} | {e} | {seen} | {val} | {_fmt(ft)} | {ft['cpu_min_per_epoch']} |")
+    for p in (pre, long):
+        lines.append(
+            f"\npretraining cost ({p['epochs']}-epoch run): {p['cpu_min_per_epoch']} CPU "
+            f"min/epoch (wall {sum(p['epoch_wall_s']) / len(p['epoch_wall_s']):.0f} s/epoch)"
+        )
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/gap")
-    ap.add_argument("--parts", nargs="+", default=["r18", "r50", "ablation", "zero-shot"])
+    ap.add_argument("--parts", nargs="+", default=["r18", "noise", "r50", "ablation", "zero-shot"])
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rn = Runner(out)
     t0 = time.time()
-    parts = {"r18": run_r18, "ablation": run_ablation, "r50": run_r50, "zero-shot": run_zero_shot}
+    parts = {
+        "r18": run_r18,
+        "noise": run_noise,
+        "ablation": run_ablation,
+        "r50": run_r50,
+        "zero-shot": run_zero_shot,
+    }
     for part in args.parts:
         lines = parts[part](rn)
         print("\n".join(lines), "\n", flush=True)
