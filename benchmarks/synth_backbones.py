@@ -144,7 +144,10 @@ def flops_of(run: Path) -> dict:
 def summarize(name: str, run: Path) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line]
-    speeds = [r["images_per_s"] for r in rows if r.get("type") == "epoch"]
+    # an epoch redone after a resume (the session was stopped after logging it but before its
+    # checkpoint) is logged twice: keep its last record
+    by_epoch = {r["epoch"]: r["images_per_s"] for r in rows if r.get("type") == "epoch"}
+    speeds = [by_epoch[e] for e in sorted(by_epoch)]
     cost = flops_of(run)
     from reidkit.config import load_config
 

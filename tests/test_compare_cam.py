@@ -179,6 +179,12 @@ def test_command_writes_grid_and_report(runs, tmp_path, capsys) -> None:
     overlap = torch.tensor(data["overlap"])
     assert overlap.shape == (3, 3) and torch.allclose(overlap.diagonal(), torch.ones(3))
     assert torch.allclose(overlap, overlap.T)
+    # images where a map is all zero are left out of that pair's overlap
+    zero = data["all_zero_maps"]
+    assert set(zero) == set(BACKBONES)
+    for i, a in enumerate(BACKBONES):
+        for j, b in enumerate(BACKBONES):
+            assert data["overlap_images"][i][j] == 3 - len(set(zero[a]) | set(zero[b]))
     # the classes explained are each model's own prediction on the query images
     query = sorted((root / "Market-1501-v15.09.15" / "query").glob("*.jpg"))
     assert len(data["images"]) == 3 and set(data["images"]) <= {p.name for p in query}
@@ -216,3 +222,20 @@ def test_command_options_and_errors(runs, tmp_path, capsys) -> None:
         == 1
     )
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_overlap_skips_all_zero_maps() -> None:
+    from reidkit.commands.compare_gradcam import overlap_of_nonzero_maps
+
+    # 2 runs x 3 images of 2x2 maps, top-1 cell; run 1's map of image 2 is all zero
+    a = torch.tensor([[[1.0, 0], [0, 0]], [[0, 1.0], [0, 0]], [[0, 0], [0, 1.0]]])
+    b = torch.tensor([[[0.9, 0], [0, 0.1]], [[1.0, 0], [0, 0]], [[0, 0], [0, 0]]])
+    maps = torch.stack([a, b])
+    empty = maps.flatten(2).amax(dim=2) <= 0
+    assert empty.tolist() == [[False, False, False], [False, False, True]]
+    mat, counts = overlap_of_nonzero_maps(maps, empty, 1)
+    # image 0: same cell (IoU 1), image 1: different cells (0), image 2 left out for the pair
+    torch.testing.assert_close(mat, torch.tensor([[1.0, 0.5], [0.5, 1.0]]))
+    assert counts.tolist() == [[3, 2], [2, 2]]
+    mat, counts = overlap_of_nonzero_maps(maps[:, 2:], empty[:, 2:], 1)
+    assert torch.isnan(mat[0, 1]) and counts[0, 1] == 0 and mat[0, 0] == 1

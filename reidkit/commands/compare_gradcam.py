@@ -31,8 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reidkit.commands import _common
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["add_parser", "run"]
 
@@ -70,6 +74,25 @@ def _target_classes(args: argparse.Namespace, records: list):
     return k
 
 
+def overlap_of_nonzero_maps(
+    maps: torch.Tensor, empty: torch.Tensor, k: float | int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean top-``k`` IoU of every pair of ``N`` map sets ``(N, B, h, w)`` over the images
+    where both maps have a positive cell (``empty (N, B)`` bool marks all-zero maps, whose
+    top-k cells would be arbitrary ties). Returns ``(N, N)`` means (NaN where no image
+    counts) and ``(N, N)`` image counts."""
+    from reidkit.viz.overlap import pairwise_mask_iou, topk_masks
+
+    iou = pairwise_mask_iou(topk_masks(maps.float(), k))  # (N, N, B)
+    valid = (~empty[:, None] & ~empty[None]).float()  # (N, N, B)
+    counts = valid.sum(dim=-1)
+    return (iou * valid).sum(dim=-1) / counts, counts.long()
+
+
+def _cell(value: float, width: int) -> str:
+    return f"{'n/a':>{width}}" if value != value else f"{value:>{width}.3f}"
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -82,7 +105,6 @@ def run(args: argparse.Namespace) -> int:
         last_stage_layer,
         load_run,
     )
-    from reidkit.viz.grad_cam import map_overlap_matrix
     from reidkit.viz.grid import save_image_grid, to_uint8_images
 
     if len(args.runs) < 1:
@@ -152,14 +174,25 @@ def run(args: argparse.Namespace) -> int:
     )
     pixels = enlarge_images(pixels, args.min_width)
     rows = comparison_rows(pixels, [m[shown] for m in maps])
+    # an all-zero map (no cell with positive evidence for the class after Grad-CAM's ReLU)
+    # draws as plain blue, like a map that is low everywhere: mark it so it is not misread
+    empty = [m.flatten(1).amax(dim=1) <= 0 for m in maps]
     row_labels = [
-        f"{Path(names[b]).stem}\nclass " + " / ".join(str(int(c[b])) for c in explained)
+        f"{Path(names[b]).stem}\nclass "
+        + " / ".join(f"{int(c[b])}{'*' if e[b] else ''}" for c, e in zip(explained, empty))
         for b in range(len(pixels))
     ]
-    out = save_image_grid(rows, args.out, row_labels=row_labels, col_labels=["image", *labels])
+    any_shown_empty = any(bool(e[shown].any()) for e in empty)
+    first_col = "image\n(* all-zero map)" if any_shown_empty else "image"
+    out = save_image_grid(rows, args.out, row_labels=row_labels, col_labels=[first_col, *labels])
     print(f"Grad-CAM ({args.target} class logit) of {len(loaded)} runs on {len(paths)} images:")
-    for label, layer, m in zip(labels, layers, maps):
-        print(f"  {label}: {layer} ({m.shape[-2]}x{m.shape[-1]} map)")
+    for label, layer, m, e in zip(labels, layers, maps, empty):
+        print(
+            f"  {label}: {layer} ({m.shape[-2]}x{m.shape[-1]} map); all-zero maps: "
+            f"{int(e.sum())}/{len(e)}"
+        )
+    if any_shown_empty:
+        print("  (* in a row label: that run's map is all zero, drawn plain blue)")
     print(f"wrote {out}")
     report = {
         "runs": [str(lr.folder) for lr in loaded],
@@ -170,16 +203,21 @@ def run(args: argparse.Namespace) -> int:
         "images": names,
         "classes": {lab: c.tolist() for lab, c in zip(labels, explained)},
         "map_size": {lab: list(m.shape[-2:]) for lab, m in zip(labels, maps)},
+        "all_zero_maps": {lab: e.nonzero().flatten().tolist() for lab, e in zip(labels, empty)},
     }
     if len(loaded) > 1 and len({tuple(m.shape) for m in maps}) == 1:
-        mat = map_overlap_matrix(torch.stack(maps), k=args.overlap_k)
+        mat, counts = overlap_of_nonzero_maps(torch.stack(maps), torch.stack(empty), args.overlap_k)
         width = max(len(s) for s in labels)
-        print(f"mean top-{args.overlap_k:g} IoU of the maps over {len(paths)} images:")
+        print(
+            f"mean top-{args.overlap_k:g} IoU of the maps over {len(paths)} images (per pair, "
+            "images where both maps are non-zero; n/a: none):"
+        )
         print(" " * width + "  " + "  ".join(f"{s:>{width}}" for s in labels))
         for s, row in zip(labels, mat.tolist()):
-            print(f"{s:>{width}}  " + "  ".join(f"{v:>{width}.3f}" for v in row))
+            print(f"{s:>{width}}  " + "  ".join(_cell(v, width) for v in row))
         report["overlap_k"] = args.overlap_k
-        report["overlap"] = mat.tolist()
+        report["overlap"] = [[None if v != v else v for v in row] for row in mat.tolist()]
+        report["overlap_images"] = counts.tolist()
     elif len(loaded) > 1:
         print("(maps of different sizes: no overlap matrix; pass --layer to compare)")
     if args.json:
