@@ -22,12 +22,12 @@ from reidkit.viz.compare_cam import (
     class_grad_cam,
     compare_grad_cam,
     comparison_rows,
-    enlarge_images,
     last_stage_layer,
     load_run,
     predicted_classes,
 )
 from reidkit.viz.grad_cam import class_logit, compute_grad_cam, normalize_maps
+from reidkit.viz.grid import enlarge_images
 
 torch.set_num_threads(1)
 BACKBONES = ["resnet50", "se_resnet50", "resattnet56"]

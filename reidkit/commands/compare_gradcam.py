@@ -101,11 +101,10 @@ def run(args: argparse.Namespace) -> int:
     from reidkit.viz.compare_cam import (
         compare_grad_cam,
         comparison_rows,
-        enlarge_images,
         last_stage_layer,
         load_run,
     )
-    from reidkit.viz.grid import save_image_grid, to_uint8_images
+    from reidkit.viz.grid import enlarge_images, save_image_grid, to_uint8_images
 
     if len(args.runs) < 1:
         raise ValueError("--runs: give at least one run folder")

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from reidkit.viz.cam import eval_mode
@@ -41,7 +40,6 @@ __all__ = [
     "predicted_classes",
     "class_grad_cam",
     "compare_grad_cam",
-    "enlarge_images",
     "comparison_rows",
 ]
 
@@ -212,19 +210,6 @@ def compare_grad_cam(
         cams.append(class_grad_cam(model, batch, layer, cls, key))
         explained.append(cls.detach().cpu())
     return cams, explained
-
-
-def enlarge_images(pixels: np.ndarray, min_width: int = 96) -> np.ndarray:
-    """Enlarge small uint8 images ``(B, H, W, 3)`` by an integer factor (bicubic) so they
-    are at least ``min_width`` wide: the picture stays readable and labels fit."""
-    b, h, w, _ = pixels.shape
-    scale = max(1, -(-min_width // w))
-    if scale == 1:
-        return pixels
-    size = (w * scale, h * scale)
-    return np.stack(
-        [np.asarray(Image.fromarray(p).resize(size, Image.Resampling.BICUBIC)) for p in pixels]
-    )
 
 
 def comparison_rows(
