@@ -411,3 +411,25 @@ def _check_in_chromium(page: Path, tmp_path: Path, views: int) -> None:
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert 'data-ready="1"' in dom.stdout, "the page script did not finish (a JS error?)"
     assert len(re.findall(r'<button type="button" data-view="', dom.stdout)) == views
+    # layout with the widest view (a query | item pair per cell) in a narrow window: the row
+    # labels keep their width and no cell runs past the window (the cells wrap)
+    probe = tmp_path / "layout.html"
+    probe.write_text(
+        page.read_text().replace("show(views.default);", "show('can_pair');")
+        + "<script>var w = document.documentElement.clientWidth, bad = 0, labels = [];"
+        "document.querySelectorAll('.row .label').forEach(function (l) {"
+        " labels.push(Math.round(l.getBoundingClientRect().width)); });"
+        "document.querySelectorAll('.cell').forEach(function (c) {"
+        " if (c.getBoundingClientRect().right > w + 1) bad++; });"
+        "document.body.setAttribute('data-layout', labels.join(',') + '|' + bad);</script>"
+    )
+    dom = subprocess.run(
+        [*flags, "--window-size=500,800", "--dump-dom", probe.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    layout = re.search(r'data-layout="([^"]*)"', dom.stdout)
+    assert layout is not None, "the layout probe did not run"
+    labels, overflowing = layout.group(1).split("|")
+    assert labels and all(int(w) == 96 for w in labels.split(",")), labels
+    assert overflowing == "0"

@@ -335,9 +335,10 @@ table.metrics{border-collapse:collapse} table.metrics td,table.metrics th{border
 #controls button{margin-right:6px;padding:4px 10px;border:1px solid #888;background:#f4f4f4;border-radius:4px;cursor:pointer}
 #controls button.active{background:#2b6cb0;color:#fff;border-color:#2b6cb0}
 .row{display:flex;gap:6px;align-items:flex-start;padding:8px 0;border-bottom:1px solid #eee}
-.row .label{width:96px;font-size:12px;color:#555}
+.row .label{flex:0 0 96px;font-size:12px;color:#555}
+.row .cells{display:flex;flex-wrap:wrap;gap:6px;align-items:flex-start;flex:1 1 0;min-width:0}
 .row.failure .label b{color:#c53030}
-.cell{display:flex;flex-direction:column;align-items:center;font-size:11px}
+.cell{display:flex;flex-direction:column;align-items:center;font-size:11px;width:min-content}
 .cell img{height:160px;width:auto;border:4px solid #bbb;image-rendering:auto}
 .cell.query img{border-color:#3182ce}
 .cell.match img{border-color:#1a9641}
@@ -449,7 +450,10 @@ def render_report_html(
         cells = [_img_html(row.query, keys, default), "<div class='sep'></div>"]
         cells += [_img_html(g, keys, default) for g in row.gallery]
         body_rows.append(
-            f"<div class='{cls}'><div class='label'>{html.escape(row.title)}<br>{status}</div>{''.join(cells)}</div>"
+            # the cells wrap inside their own box: wide cells (a view with a partner map shows
+            # two images per cell) go to a second line instead of squeezing the label
+            f"<div class='{cls}'><div class='label'>{html.escape(row.title)}<br>{status}</div>"
+            f"<div class='cells'>{''.join(cells)}</div></div>"
         )
     view_json = json.dumps({"keys": keys, "labels": [lbl for _, lbl in views], "default": default})
     return (
