@@ -241,6 +241,20 @@ def test_chunk_size_invariance() -> None:
         torch.testing.assert_close(r.raw.all_AP, results[0].raw.all_AP)
 
 
+def test_scoring_uses_running_statistics_even_in_training_mode() -> None:
+    """A model left in training mode scores as in eval mode, and the fusion BN's running
+    statistics are not updated by test pairs."""
+    model = tiny_can()
+    query, gallery = random_sets(nq=13, ng=40, seed=6)
+    ref = model.pairwise_distance(query, gallery)
+    bn_state = {k: v.clone() for k, v in model.cross_attention.state_dict().items()}
+    model.train()
+    torch.testing.assert_close(model.pairwise_distance(query, gallery), ref)
+    assert model.cross_attention.training  # the caller's mode is restored
+    for k, v in model.cross_attention.state_dict().items():
+        torch.testing.assert_close(v, bn_state[k])
+
+
 def test_below_topk_keeps_vector_order() -> None:
     model = tiny_can(topk=5)
     query, gallery = random_sets(nq=11, ng=40, seed=6)

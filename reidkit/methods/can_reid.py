@@ -371,7 +371,15 @@ class CanReID(Baseline):
         if k == 0 or len(query) == 0 or self.opts.fuse_weight == 0:
             return dist
         top_dist, top_index = dist.topk(k, dim=1, largest=False, sorted=True)
-        scores = self.rescore(query, gallery, top_index)
+        # scoring is a test-time operation: the fusion layer's BN must use its running
+        # statistics (and not update them with test pairs) even if the caller left the
+        # model in training mode
+        was_training = self.cross_attention.training
+        self.cross_attention.eval()
+        try:
+            scores = self.rescore(query, gallery, top_index)
+        finally:
+            self.cross_attention.train(was_training)
         return merge_rescored(dist, top_index, top_dist, scores)
 
     @torch.no_grad()

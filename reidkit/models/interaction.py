@@ -185,8 +185,8 @@ class SpatialIA(nn.Module):
         ax, ay: location-prior widths in cells (x along the width).
         kernel: odd K of the appearance relation's K x K neighbourhood (1 = the code).
 
-    Shape: ``(B, C, H, W) -> (B, C, H, W)``; any ``H, W`` (the prior is built per size and
-    cached). :meth:`relation` gives ``R (B, HW, HW)`` for visualisation.
+    Shape: ``(B, C, H, W) -> (B, C, H, W)``; any ``H, W`` (the prior is built for each input
+    size, on the input's device). :meth:`relation` gives ``R (B, HW, HW)`` for visualisation.
     """
 
     def __init__(self, channels: int, ax: float, ay: float, kernel: int = 1) -> None:
