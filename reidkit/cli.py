@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--threads must be >= 1, got {args.global_threads}")
         set_threads(args.global_threads)
     else:
-        limit = thread_limit()
+        # three snapshots of the load, not one: the choice holds for the whole command
+        limit = thread_limit(samples=3, interval=0.05)
         if torch.get_num_threads() > limit:  # e.g. a container given fewer cores than the host
             torch.set_num_threads(limit)
     debug = getattr(args, "debug", False)

@@ -380,3 +380,11 @@ def test_pretrain_under_ddp(tmp_path: Path) -> None:
         torch.testing.assert_close(tensors[k], v)
     card = json.loads(card_path(out).read_text())
     assert card["images_seen"] == 16  # the global batch: 2 iterations x 8 images
+
+
+def test_commands_that_read_image_files_refuse_the_rendered_set_early() -> None:
+    from reidkit.commands import _common
+
+    cfg = load_config(None, ["data.dataset=synth_render", "data.render.preset=tiny-wide", *FAST])
+    with pytest.raises(ValueError, match="renders its images on the fly.*reidkit synth"):
+        _common.spread_records(cfg.data, "query", 3)

@@ -464,3 +464,15 @@ def test_image_registry_points_to_the_video_parsers(tmp_path: Path) -> None:
 
     with pytest.raises(DatasetError, match="video .*dataset.*build_video_dataset"):
         build_dataset("mars", tmp_path)
+
+
+def test_registry_names_and_the_image_video_redirect():
+    from reidkit.data.datasets import build_dataset
+    from reidkit.data.datasets.video import register_video_dataset
+
+    with pytest.raises(DatasetError, match=r"'MARS' is a video \(tracklet\) dataset"):
+        build_dataset("MARS", "/nowhere")
+    with pytest.raises(DatasetError, match=r"unknown video dataset 'marz'; did you mean 'mars'"):
+        build_video_dataset("marz", "/nowhere")
+    with pytest.raises(ValueError, match="already registered"):
+        register_video_dataset(" Mars ", lambda root, opts: None)

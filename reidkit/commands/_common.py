@@ -208,6 +208,7 @@ def spread_records(data_cfg, split: str, num: int) -> tuple[list, object]:
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
     dataset = dataset_from_config(data_cfg)
+    require_image_files(dataset, f"--split {split}")
     records = getattr(dataset, split)
     if not records:
         raise ValueError(f"--split {split}: the dataset's {split} split is empty")
@@ -230,3 +231,14 @@ def add_run_control_arguments(
         help="stop after N epochs of this call (continue later with --resume)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def require_image_files(dataset, what: str) -> None:
+    """Refuse, early, a set whose images are rendered on the fly (``synth_render``): the
+    commands that read image files by path (report, viz, mismatches) need them on disk."""
+    if any(hasattr(getattr(dataset, s, None), "load_image") for s in ("train", "query", "gallery")):
+        raise ValueError(
+            f"{what}: data.dataset={getattr(dataset, 'name', 'synth_render')!r} renders its "
+            "images on the fly and has no image files; write the set to disk with "
+            "`reidkit synth --preset NAME --out DIR` and use data.dataset=synth"
+        )

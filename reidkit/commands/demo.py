@@ -58,10 +58,12 @@ def run(args: argparse.Namespace) -> int:
 
     # meta.json is written last: without it the folder is missing or incomplete
     ensure_synth(cfg.data, progress=not args.no_progress, regenerate_incomplete=True)
+    from reidkit import threads as threads_module
     from reidkit.threads import set_threads, thread_limit
 
     threads = args.threads
-    if threads is None and "OMP_NUM_THREADS" not in os.environ:
+    explicit = threads_module._requested is not None  # `reidkit --threads N demo`
+    if threads is None and not explicit and "OMP_NUM_THREADS" not in os.environ:
         # the cores this process may use that other processes leave free right now, less
         # the loader workers (on a busy machine one thread beats two fighting for a core)
         threads = max(1, thread_limit(samples=9) - cfg.data.num_workers)

@@ -41,13 +41,14 @@ def run(args: argparse.Namespace) -> int:
     )
 
     cfg = _common.load_config_from_args(args)
-    weights = _common.resolve_weights_file(args.weights)
+    weights = _common.weights_from_args(args)
     tags = load_mismatch_tags(args.tags) if args.tags else None
     out = Path(args.out) / "mismatches.html"
     if args.tags and out.resolve() == Path(args.tags).resolve():
         raise ValueError(f"--out would overwrite the tags file {args.tags}")
     device = resolve_device(args.device or cfg.device, 0)
     dataset = dataset_from_config(cfg.data)
+    _common.require_image_files(dataset, "reidkit mismatches")
     model = load_model(cfg, weights, num_classes=args.num_classes, device=device)
     result = evaluate_model(cfg, model, dataset, device, progress=not args.no_progress)
     for note in result.notes:

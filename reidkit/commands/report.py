@@ -70,6 +70,7 @@ def write_report(
     # the weights first: a wrong file is reported before the dataset is read
     model = load_model(cfg, weights, num_classes=num_classes, device=dev)
     dataset = dataset_from_config(cfg.data)
+    _common.require_image_files(dataset, "reidkit report")
     from reidkit.engine.video_eval import is_video_dataset
 
     if is_video_dataset(dataset):

@@ -45,7 +45,7 @@ def _load_model(args: argparse.Namespace):
     from reidkit.engine.distributed import resolve_device
 
     cfg = _common.load_config_from_args(args)
-    weights = _common.resolve_weights_file(args.weights)
+    weights = _common.weights_from_args(args)
     device = resolve_device(args.device or cfg.device, 0)
     model = load_model(cfg, weights, num_classes=args.num_classes, device=device)
     return cfg, model.eval(), device

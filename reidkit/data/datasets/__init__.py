@@ -73,12 +73,12 @@ _ALIASES: dict[str, str] = {
 _COMMON = {f.name for f in fields(LoadOptions)}
 
 
-def _video_redirect(key: str) -> str | None:
+def _video_redirect(name: str, key: str) -> str | None:
     from reidkit.data.datasets.video import is_video_dataset
 
     if is_video_dataset(key):
         return (
-            f"{key!r} is a video (tracklet) dataset: read it with "
+            f"{name!r} is a video (tracklet) dataset: read it with "
             "reidkit.data.datasets.video.build_video_dataset (docs/video.md)"
         )
     return None

@@ -97,10 +97,10 @@ class LoaderRegistry:
         kind: str,
         loaders: dict[str, Callable[..., Any]],
         aliases: dict[str, str],
-        redirect: Callable[[str], str | None] | None = None,
+        redirect: Callable[[str, str], str | None] | None = None,
     ) -> None:
         """``kind`` names the datasets in messages ("dataset", "video dataset");
-        ``redirect(key)`` may return a better message for an unknown name (e.g. "that is a
+        ``redirect(name, key)`` may return a better message for an unknown name (e.g. "that is a
         video dataset")."""
         self.kind = kind
         self.loaders = loaders
@@ -111,7 +111,7 @@ class LoaderRegistry:
         """Register ``loader`` under ``name``; usable as a decorator."""
 
         def _register(fn: Callable[..., Any]) -> Callable[..., Any]:
-            key = name.lower()
+            key = name.strip().lower()
             if key in self.loaders or key in self.aliases:
                 raise ValueError(f"{self.kind} name {name!r} is already registered")
             self.loaders[key] = fn
@@ -144,7 +144,7 @@ class LoaderRegistry:
         if key not in self.loaders:
             import difflib
 
-            better = self.redirect(key) if self.redirect is not None else None
+            better = self.redirect(name, key) if self.redirect is not None else None
             if better:
                 raise DatasetError(better)
             close = difflib.get_close_matches(key, [*self.loaders, *self.aliases], n=1)
