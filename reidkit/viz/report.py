@@ -623,19 +623,20 @@ def build_ranking_report(
         branch_rams = ranking_activation_map(f_q, fmaps, normalize_query=True)  # (N, 1+k, h, w)
         aggregate = branch_rams[:n_test].mean(dim=0, keepdim=True)
         stack = torch.cat([aggregate, branch_rams]) if branch_rams.shape[0] > 1 else aggregate
-        for view in extra_views:
-            extra = view.compute(batch, gal).to(stack.device, stack.dtype)
-            extra = F.interpolate(
-                extra[None].float(), size=stack.shape[-2:], mode="bilinear", align_corners=False
-            )
-            stack = torch.cat([stack, extra.to(stack.dtype)])
-        up = (
-            F.interpolate(
-                stack.float(), size=batch.shape[-2:], mode="bilinear", align_corners=False
-            )
-            .cpu()
-            .numpy()
+        maps = [stack]
+        for view in extra_views:  # each at its own resolution, straight to the image size
+            maps.append(view.compute(batch, gal)[None])
+        up = np.concatenate(
+            [
+                F.interpolate(
+                    m.float(), size=batch.shape[-2:], mode="bilinear", align_corners=False
+                )
+                .cpu()
+                .numpy()
+                for m in maps
+            ]
         )
+        n_maps = up.shape[0]
         if views is None:
             views = [(IMAGE_VIEW, "image"), (AGGREGATE_VIEW, "aggregate")]
             if branch_rams.shape[0] > 1:
@@ -653,7 +654,13 @@ def build_ranking_report(
         if not rows:
             method_keys = [mv.key for mv in method_views]
             known = {k for k, _ in views}
-            views += [(mv.key, mv.label) for mv in method_views if mv.key not in known]
+            clash = [k for k in method_keys if k in known]
+            if clash:
+                raise ValueError(
+                    f"{type(model).__name__}.report_views: view key(s) {clash} are taken by the "
+                    f"report's own views {sorted(known)}; use other keys"
+                )
+            views += [(mv.key, mv.label) for mv in method_views]
         elif [mv.key for mv in method_views] != method_keys:
             raise ValueError(
                 f"{type(model).__name__}.report_views gave views "
@@ -664,7 +671,7 @@ def build_ranking_report(
             uris = {IMAGE_VIEW: to_data_uri(pixels[j])}
             for key, images in region_uris.items():
                 uris[key] = images[j]
-            for v, (key, _) in enumerate(views[1 : 1 + stack.shape[0]]):
+            for v, (key, _) in enumerate(views[1 : 1 + n_maps]):
                 uris[key] = to_data_uri(overlay_heatmap(pixels[j], up[v, j], alpha=alpha))
             for mv in method_views:
                 uris[mv.key] = to_data_uri(mv.cell(pixels, j, alpha))
