@@ -211,7 +211,8 @@ def test_test_feature_and_flip_sum(batch) -> None:
         out = model(batch)
         flipped = model.encode({"images": batch["images"].flip(-1)})
     torch.testing.assert_close(enc["post_bn"], out["post_bn"])
-    # sum then normalise (authors) == average then normalise (engine's flip TTA)
+    # sum then normalise (authors) == average then normalise: so the engine's flip TTA
+    # (the mean of both, tested in tests/test_engine.py) gives the authors' feature
     summed = F.normalize(enc["post_bn"] + flipped["post_bn"], dim=1)
     averaged = F.normalize((enc["post_bn"] + flipped["post_bn"]) / 2, dim=1)
     torch.testing.assert_close(summed, averaged)
@@ -238,8 +239,21 @@ def test_grad_cam_of_one_part(batch) -> None:
         forward=lambda x: model({"images": x}),
     )
     assert res.maps.shape == (3, 4, 2)
-    # the upper stripe's logit depends on nothing in the lower half of the map
     assert float(res.weights.abs().sum()) > 0
+    # the upper stripe's logit depends on nothing in the lower half of the map
+    grads = {}
+
+    def keep_grad(module, inputs, output) -> None:
+        output.register_hook(lambda g: grads.setdefault("g", g))
+
+    handle = model.get_submodule(layer).register_forward_hook(keep_grad)
+    try:
+        model.eval()({"images": batch["images"][:3]})["part_logits"]["p2_s1"][:, 0].sum().backward()
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    g = grads["g"]  # (3, C, 4, 2): rows 0-1 are the upper stripe
+    assert float(g[:, :, 2:].abs().max()) == 0.0 and float(g[:, :, :2].abs().max()) > 0
     with torch.no_grad():
         logits = model.eval()({"images": batch["images"][:3]})["part_logits"]["p2_s1"]
     torch.testing.assert_close(res.scores, logits.gather(1, torch.tensor([[0], [1], [2]]))[:, 0])
