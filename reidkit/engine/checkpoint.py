@@ -45,6 +45,7 @@ __all__ = [
     "upgrade_training_state",
     "clean_stale_tmp",
     "resolve_weights",
+    "state_dict_mismatch",
     "CHECKPOINT_FORMAT",
 ]
 
@@ -357,26 +358,32 @@ def load_model(
             num_classes = 1
         del probe
     model = build_method(cfg, num_classes)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if shape:
-            parts.append(f"{len(shape)} with other shapes (e.g. {'; '.join(shape[:3])})")
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch:
         raise ValueError(
             f"{weights}: weights do not match model '{cfg.model.name}' "
-            f"({cfg.model.backbone}): " + ", ".join(parts) + "; use the config the weights "
+            f"({cfg.model.backbone}): " + mismatch + "; use the config the weights "
             "were trained with (-c RUN_FOLDER or its config.yaml)"
         )
     model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def state_dict_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """How a weights file's ``state`` fails to fit a model's ``own`` state dict: missing and
+    unexpected keys and tensors of other shapes (a few of each named); ``""`` when it fits."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        parts.append(f"{len(shapes)} with other shapes (e.g. {'; '.join(shapes[:3])})")
+    return ", ".join(parts)

@@ -50,6 +50,7 @@ from reidkit.engine.checkpoint import (
     get_rng_state,
     load_checkpoint,
     set_rng_state,
+    state_dict_mismatch,
 )
 from reidkit.engine.distributed import resolve_device
 from reidkit.engine.hooks import link_or_copy
@@ -150,26 +151,11 @@ def load_fewshot_weights(
     if cls is None:
         raise ValueError(f"{weights}: no 'classifier.weight' in the weights: not a few-shot model")
     model = build_fewshot_model(cfg, int(cls.shape[0]))
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if shapes:
-            parts.append(f"{len(shapes)} with other shapes (e.g. {'; '.join(shapes[:3])})")
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch:
         raise ValueError(
             f"{weights}: weights do not fit model.name={cfg.model.name}, model.width="
-            f"{cfg.model.width}, data.height/width={cfg.data.height}x{cfg.data.width}: "
-            + ", ".join(parts)
+            f"{cfg.model.width}, data.height/width={cfg.data.height}x{cfg.data.width}: " + mismatch
         )
     model.load_state_dict(state)
     return model.to(device).eval()
