@@ -148,3 +148,19 @@ def fake_config(root: Path, out: Path, **over):
     }
     items.update(over)
     return load_config(None, [f"{k}={v}" for k, v in items.items()])
+
+
+def brute_force_metrics(dist: np.ndarray, qp, gp, qc, gc) -> tuple[float, float]:
+    """mAP and rank-1 of a ``(Q, G)`` distance matrix by a per-query loop (same pid and
+    camera excluded): the independent reference for the evaluator in the engine tests."""
+    aps, r1 = [], []
+    for i in range(dist.shape[0]):
+        keep = ~((gp == qp[i]) & (gc == qc[i]))
+        order = np.argsort(dist[i][keep], kind="stable")
+        match = (gp[keep] == qp[i])[order]
+        if not match.any():
+            continue
+        hits = np.flatnonzero(match)
+        aps.append(np.mean([(n + 1) / (h + 1) for n, h in enumerate(hits)]))
+        r1.append(float(match[0]))
+    return float(np.mean(aps)), float(np.mean(r1))

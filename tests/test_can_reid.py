@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from chromium_cdp import require_chromium
-from engine_fakes import fake_config, write_market_folder
+from engine_fakes import brute_force_metrics, fake_config, write_market_folder
 
 from reidkit.config import ConfigError, load_config
 from reidkit.engine.evaluator import evaluate_feature_sets, evaluate_model
@@ -312,21 +312,6 @@ def test_training_step_updates_the_can_head_and_refuses_export() -> None:
         InferenceModel(model)
 
 
-def _brute_force_metrics(dist: np.ndarray, qp, gp, qc, gc) -> tuple[float, float]:
-    """mAP and rank-1 by a per-query loop (same pid and camera excluded)."""
-    aps, r1 = [], []
-    for i in range(dist.shape[0]):
-        keep = ~((gp == qp[i]) & (gc == qc[i]))
-        order = np.argsort(dist[i][keep], kind="stable")
-        match = (gp[keep] == qp[i])[order]
-        if not match.any():
-            continue
-        hits = np.flatnonzero(match)
-        aps.append(np.mean([(n + 1) / (h + 1) for n, h in enumerate(hits)]))
-        r1.append(float(match[0]))
-    return float(np.mean(aps)), float(np.mean(r1))
-
-
 def test_training_run_and_standard_evaluator_equal_brute_force(tmp_path: Path) -> None:
     """`train` runs CAN end to end (pair loss logged, evaluation re-scores), and the standard
     evaluator's metrics equal a per-query computation on brute-force re-scored distances."""
@@ -354,7 +339,7 @@ def test_training_run_and_standard_evaluator_equal_brute_force(tmp_path: Path) -
         *GRID,
     )
     dist = brute_force_distances(model, q, g)
-    ref_map, ref_r1 = _brute_force_metrics(
+    ref_map, ref_r1 = brute_force_metrics(
         dist, q.pids.numpy(), g.pids.numpy(), q.camids.numpy(), g.camids.numpy()
     )
     assert result.metrics["mAP"] == pytest.approx(ref_map, abs=1e-6)

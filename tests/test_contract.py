@@ -7,11 +7,10 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_fakes import FakeMethod, fake_config, write_market_folder
+from engine_fakes import FakeMethod, brute_force_metrics, fake_config, write_market_folder
 from pydantic import Field
 from torch import nn
 
@@ -306,21 +305,6 @@ def test_warm_weight_decay_is_an_explicit_option():
 
 
 # ------------------------------------------------------------------ evaluation
-def _brute_force(dist: np.ndarray, qp, gp, qc, gc) -> tuple[float, float]:
-    """mAP and rank-1 by a per-query loop (same pid and camera excluded)."""
-    aps, r1 = [], []
-    for i in range(dist.shape[0]):
-        keep = ~((gp == qp[i]) & (gc == qc[i]))
-        order = np.argsort(dist[i][keep], kind="stable")
-        match = (gp[keep] == qp[i])[order]
-        if not match.any():
-            continue
-        hits = np.flatnonzero(match)
-        aps.append(np.mean([(k + 1) / (h + 1) for k, h in enumerate(hits)]))
-        r1.append(float(match[0]))
-    return float(np.mean(aps)), float(np.mean(r1))
-
-
 def test_pairwise_scoring_method_through_the_standard_evaluator(tmp_path):
     noisy = write_market_folder(tmp_path / "noisy", num_ids=8, per_cam=3, noise=160.0)
     cfg = fake_config(noisy, tmp_path / "pw", **{"model.name": "_pairwise_fake"})
@@ -333,7 +317,7 @@ def test_pairwise_scoring_method_through_the_standard_evaluator(tmp_path):
     q, g = result.query, result.gallery
     assert "map_mean" in q.extras and q.extras["map_mean"].shape == (len(q), 32)
     dist = model.pairwise_distance(q, g).numpy()
-    ref_map, ref_r1 = _brute_force(
+    ref_map, ref_r1 = brute_force_metrics(
         dist, q.pids.numpy(), g.pids.numpy(), q.camids.numpy(), g.camids.numpy()
     )
     assert result.metrics["mAP"] == pytest.approx(ref_map, abs=1e-6)
